@@ -1,0 +1,1 @@
+"""Studies built on the toolkit; each is a function returning a result object."""

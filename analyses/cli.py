@@ -1,0 +1,66 @@
+"""The `interp` command.
+
+    interp tour      the main job: run the tour on the bundled models, write reports/tour/
+    interp models    list the registered models and where each loads from
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# The toolkit never reaches a model hub on its own.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _tour(args) -> int:
+    from analyses.tour import DEFAULT_PROMPT, run_tour
+
+    run_tour(args.model, args.prompt or DEFAULT_PROMPT, args.out, top_k=args.top_k, device=args.device,
+             dtype=args.dtype)
+    return 0
+
+
+def _models(args) -> int:
+    from models.registry import REGISTRY
+
+    for entry in REGISTRY.values():
+        print(f"{entry.name:<16} {entry.description}\n{'':<16} from {entry.source}")
+    print("Also: any local Hugging Face directory of a GPT-2, LLaMA/Mistral/Qwen2 or BERT checkpoint.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="interp", description="Mechanistic-interpretability toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tour = sub.add_parser("tour", help="run the tour of the toolkit and write an offline HTML report")
+    tour.add_argument("--model", default="smollm2-135m")
+    tour.add_argument("--prompt", default=None)
+    tour.add_argument("--out", default="reports/tour")
+    tour.add_argument("--top-k", type=int, default=10)
+    tour.add_argument("--device", default="cpu")
+    tour.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    tour.set_defaults(func=_tour)
+    listing = sub.add_parser("models", help="list the models that load without a hub")
+    listing.set_defaults(func=_models)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line, not a traceback
+        if os.environ.get("INTERP_DEBUG"):
+            raise
+        print(f"interp {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""ActivationCache: the activations of one run, by hook name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Iterator
+
+import torch
+
+from interp.names import resolve_key, unknown_name_error
+
+
+def unique_nbytes(tensors) -> int:
+    """Bytes held by the tensors, counting a storage shared by several only once."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+class ActivationCache(Mapping):
+    """Activations keyed by hook name; also accepts short keys: `cache["pattern", 3]`.
+
+    Gradients from `run_with_cache(incl_bwd=True)` live under `name + "_grad"`.
+    """
+
+    def __init__(self, cache_dict: dict[str, torch.Tensor], model, has_batch_dim: bool = True) -> None:
+        self.cache_dict = cache_dict
+        self.model = model
+        self.has_batch_dim = has_batch_dim
+
+    # ------------------------------------------------------------------ mapping
+    def _key(self, key) -> str:
+        if isinstance(key, tuple) and len(key) >= 1 and isinstance(key[-1], str) and key[-1] == "grad":
+            return resolve_key(key[:-1]) + "_grad"
+        return resolve_key(key)
+
+    def __getitem__(self, key) -> torch.Tensor:
+        name = self._key(key)
+        try:
+            return self.cache_dict[name]
+        except KeyError:
+            hooks = getattr(self.model, "hook_dict", {})
+            if name in hooks:
+                raise KeyError(
+                    f"{name!r} is a hook point of the model but was not cached; widen names_filter "
+                    f"in run_with_cache (it cached {len(self.cache_dict)} activations)"
+                ) from None
+            raise unknown_name_error(name, self.cache_dict, what="cached activation") from None
+
+    def __contains__(self, key) -> bool:
+        try:
+            return self._key(key) in self.cache_dict
+        except (KeyError, TypeError):
+            return False
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cache_dict)
+
+    def __len__(self) -> int:
+        return len(self.cache_dict)
+
+    def __repr__(self) -> str:
+        return f"ActivationCache({len(self)} activations, {self.nbytes / 2**20:.1f} MiB)"
+
+    # ------------------------------------------------------------------ housekeeping
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cache; tensors stored under several names count once."""
+        return unique_nbytes(self.cache_dict.values())
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "ActivationCache":
+        moved: dict[int, torch.Tensor] = {}
+        out = {}
+        for k, v in self.cache_dict.items():
+            if id(v) not in moved:
+                moved[id(v)] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+            out[k] = moved[id(v)]
+        return ActivationCache(out, self.model, self.has_batch_dim)
+
+    def remove_batch_dim(self) -> "ActivationCache":
+        if not self.has_batch_dim:
+            return self
+        for k, v in self.cache_dict.items():
+            if v.shape[0] != 1:
+                raise ValueError(f"remove_batch_dim needs batch size 1; {k} has batch {v.shape[0]}")
+        return ActivationCache({k: v[0] for k, v in self.cache_dict.items()}, self.model, has_batch_dim=False)
+
+    # ------------------------------------------------------------------ the residual stream
+    def residual_stream(self) -> torch.Tensor:
+        """The stream read by each layer and the one leaving the last: `[n_layers + 1, batch, pos, d_model]`.
+
+        Entry 0 is the embedding (as the first block reads it), entry l the output of
+        block l-1; for post-LN encoders that is the normalised output. This is the
+        stack `transformers` returns as `hidden_states`, except that its last entry has
+        the final norm applied for pre-LN models.
+        """
+        n_layers = self.model.cfg.n_layers
+        names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)]
+        names.append(self.model.block_output_hook_name(n_layers - 1))
+        return torch.stack([self[n] for n in names])
+
+    def stack_activation(self, short_name: str) -> torch.Tensor:
+        """One activation for every layer, stacked on a new leading `layer` dimension."""
+        return torch.stack([self[short_name, l] for l in range(self.model.cfg.n_layers)])

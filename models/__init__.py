@@ -1,0 +1,14 @@
+"""The hooked transformer, its loaders and the registry of named models."""
+
+from models.attention import KVCache
+from models.config import TransformerConfig
+from models.hooked_transformer import HookedTransformer, NoUnembedError
+from models.loading import load, save_model
+from models.registry import REGISTRY, MissingPackageError, UnknownModelError
+from models.tokenizer import ContextLengthError, NoTokenizerError, Tokenized
+
+__all__ = [
+    "HookedTransformer", "TransformerConfig", "KVCache", "load", "save_model", "REGISTRY",
+    "ContextLengthError", "NoTokenizerError", "NoUnembedError", "Tokenized", "UnknownModelError",
+    "MissingPackageError",
+]

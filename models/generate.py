@@ -1,0 +1,115 @@
+"""Greedy and sampled generation for decoders, with whatever hooks are attached kept active.
+
+With the KV cache (the default) each step runs only the new token, so a hook sees
+`[batch, 1, ...]` activations after the first step; `use_kv_cache=False` reruns the
+whole sequence each step (hooks then see every position every time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from models.attention import KVCache
+
+
+def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator | None) -> torch.Tensor:
+    # logits: [batch, d_vocab] -> [batch]
+    if not do_sample or temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the tokens before it already cover top_p.
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def generate(
+    model,
+    input,
+    max_new_tokens: int = 20,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    eos_token_id: int | None = None,
+    use_kv_cache: bool = True,
+    prepend_bos: bool | None = None,
+    fwd_hooks=(),
+    return_type: str = "auto",
+):
+    """Continue `input` (a string, list of strings, or token ids) by up to `max_new_tokens`.
+
+    Returns strings for string input (`return_type="str"`), token ids `[batch, pos]`
+    (prompt + continuation) for token input or `return_type="tokens"`. Batches of
+    strings are left-padded so every row continues from its own last token.
+    """
+    cfg = model.cfg
+    if not cfg.causal or model.unembed is None:
+        raise ValueError(f"generate needs a causal language model with an unembedding; {cfg.model_name} is not one")
+    as_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))
+    if as_text:
+        tok = model.tokenize(input, prepend_bos=prepend_bos, padding_side="left")
+        tokens, mask = tok.tokens.to(model.device), tok.attention_mask.to(model.device)
+    else:
+        tokens = torch.as_tensor(input, device=model.device)
+        tokens = tokens[None] if tokens.dim() == 1 else tokens
+        mask = torch.ones_like(tokens)
+    if tokens.shape[1] + max_new_tokens > cfg.n_ctx:
+        max_new_tokens = cfg.n_ctx - tokens.shape[1]
+    if eos_token_id is None:
+        eos_token_id = cfg.eos_token_id
+        if eos_token_id is None and model.tokenizer is not None:
+            eos_token_id = model.tokenizer.eos_token_id
+    pad = eos_token_id if eos_token_id is not None else 0
+    generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    cache = KVCache(cfg.n_layers) if use_kv_cache else None
+    hooks = model.hooks(fwd_hooks) if fwd_hooks else contextlib.nullcontext()
+    with torch.no_grad(), hooks:
+        step_input = tokens
+        for _ in range(max(max_new_tokens, 0)):
+            if cache is not None:
+                logits = model(step_input, attention_mask=mask if cache.length == 0 else mask[:, -step_input.shape[1]:],
+                               past_kv=cache, return_type="logits")
+            else:
+                logits = model(tokens, attention_mask=mask, return_type="logits")
+            next_tok = _sample(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            next_tok = torch.where(finished, torch.full_like(next_tok, pad), next_tok)
+            tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(next_tok[:, None])], dim=1)
+            step_input = next_tok[:, None]
+            if stop_at_eos and eos_token_id is not None:
+                finished |= next_tok == eos_token_id
+                if bool(finished.all()):
+                    break
+    if return_type == "tokens" or (return_type == "auto" and not as_text):
+        return tokens
+    if not as_text:
+        return [model.to_string(row) for row in tokens]
+    prompts = [input] if isinstance(input, str) else list(input)
+    texts = []
+    for i, prompt in enumerate(prompts):
+        real = tokens[i][mask[i].bool()].tolist()
+        n_prompt = int(tok.attention_mask[i].sum())
+        cont = real[n_prompt:]
+        if eos_token_id is not None and eos_token_id in cont:
+            cont = cont[: cont.index(eos_token_id)]
+        # Decode prompt and continuation together (SentencePiece drops a leading space
+        # when a continuation is decoded alone), then keep what follows the prompt.
+        full, head = model.to_string(real[:n_prompt] + cont), model.to_string(real[:n_prompt])
+        texts.append(prompt + full[len(head):] if full.startswith(head) else prompt + model.to_string(cont))
+    return texts[0] if isinstance(input, str) else texts

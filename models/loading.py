@@ -1,0 +1,167 @@
+"""models.load: registry names, local directories, hub names and live `transformers` models."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.config import TransformerConfig
+from models.convert import convert_hf
+from models.hooked_transformer import HookedTransformer
+from models.registry import REGISTRY, UnknownModelError, resolve
+
+OUR_CONFIG = "interp_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def load(
+    source,
+    tokenizer=None,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    fold_ln: bool = False,
+    center_writing_weights: bool = False,
+    center_unembed: bool = False,
+    fold_value_biases: bool = False,
+    name: str | None = None,
+) -> HookedTransformer:
+    """Load a HookedTransformer.
+
+    source: a registry name (`smollm2-135m`, `minilm-l6`, ...; see models.REGISTRY), a
+    local directory (Hugging Face format, or one written by `model.save`), a hub name
+    (only when a hub is reachable), or a constructed `transformers` model (pass its
+    tokenizer too). The weights come back exactly as in the checkpoint unless you ask
+    for processing; they are frozen (no autograd graph) until `requires_grad_(True)`.
+    """
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if isinstance(source, nn.Module):
+        hf_config = getattr(source, "config", None)
+        if hf_config is None:
+            raise TypeError("a module without a transformers config cannot be converted; use interp.attach(module)")
+        label = name or getattr(hf_config, "_name_or_path", None) or type(source).__name__
+        cfg, weights = convert_hf(hf_config, source.state_dict(), label)
+        model = _build(cfg, weights, tokenizer, f"a {type(source).__name__} object")
+    else:
+        directory, label = _locate(str(source))
+        model = load_directory(directory, tokenizer, name=name or label)
+    model.to(device=device, dtype=dtype)
+    model.cfg.dtype = str(dtype).removeprefix("torch.")
+    model.requires_grad_(False)
+    model.eval()
+    if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
+        model.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
+                              center_unembed=center_unembed, fold_value_biases=fold_value_biases)
+    return model
+
+
+def _locate(source: str) -> tuple[Path, str]:
+    if source in REGISTRY:
+        return resolve(source), source
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path, path.name
+    if path.exists():
+        raise UnknownModelError(f"{source} is a file; give the directory that holds config.json and the weights")
+    return _from_hub(source), source
+
+
+def _from_hub(name: str) -> Path:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    known = ", ".join(sorted(REGISTRY))
+    if "/" not in name and not offline:
+        pass  # single-word hub names (gpt2) exist; let the hub decide
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=offline))
+    except Exception as exc:  # not cached / not found / no network: one clear message
+        why = "HF_HUB_OFFLINE=1 and it is not in the local hub cache" if offline else f"the hub said: {exc}"
+        raise UnknownModelError(
+            f"cannot load {name!r}: it is not a registered name ({known}), not a local directory, and {why}"
+        ) from None
+
+
+def load_directory(directory: Path, tokenizer=None, name: str | None = None) -> HookedTransformer:
+    directory = Path(directory)
+    label = name or directory.name
+    if (directory / OUR_CONFIG).exists():
+        cfg = TransformerConfig.from_dict(json.loads((directory / OUR_CONFIG).read_text()))
+        weights = read_weights(directory)
+    else:
+        from transformers import AutoConfig
+
+        if not (directory / "config.json").exists():
+            raise UnknownModelError(f"{directory} has no config.json (nor {OUR_CONFIG}); is it a model directory?")
+        hf_config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        cfg, weights = convert_hf(hf_config, read_weights(directory), label)
+    if tokenizer is None and any((directory / f).exists() for f in TOKENIZER_FILES):
+        tokenizer = load_tokenizer(directory)
+    return _build(cfg, weights, tokenizer, str(directory))
+
+
+def load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (safetensors, sharded or not, else pytorch_model.bin)."""
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weights = {}
+        for shard in shards:
+            weights.update(load_file(directory / shard))
+        return weights
+    if (directory / "model.safetensors").exists():
+        return load_file(directory / "model.safetensors")
+    if (directory / "pytorch_model.bin").exists():
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise UnknownModelError(f"{directory} has no model.safetensors or pytorch_model.bin")
+
+
+def _build(cfg: TransformerConfig, weights: dict, tokenizer, source: str) -> HookedTransformer:
+    model = HookedTransformer(cfg, tokenizer=tokenizer, init_weights=False)
+    model.source = source
+    expected = model.state_dict()
+    unexpected = set(weights) - set(expected)
+    if unexpected:
+        raise ValueError(f"converted weights do not fit the model: unexpected {sorted(unexpected)[:8]}")
+    with torch.no_grad():
+        for key, param in expected.items():
+            if key in weights:
+                if weights[key].shape != param.shape:
+                    raise ValueError(f"{key}: checkpoint shape {tuple(weights[key].shape)}, model {tuple(param.shape)}")
+                param.copy_(weights[key])
+            elif key.rsplit(".", 1)[-1].lstrip("_").startswith("b"):
+                param.zero_()  # the checkpoint has no bias here: zero is what it computes
+            else:
+                raise ValueError(f"the checkpoint has no value for {key}")
+    return model
+
+
+def save_model(model: HookedTransformer, directory) -> None:
+    """Write config, weights (safetensors) and tokenizer to a directory that `models.load` reads back."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / OUR_CONFIG).write_text(model.cfg.to_json())
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, directory / "model.safetensors")
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(directory)

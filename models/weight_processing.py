@@ -1,0 +1,120 @@
+"""Opt-in weight processing, each step exact in what it promises to preserve.
+
+- fold_ln: LayerNorm/RMSNorm scale and bias move into the weights that read the
+  normalised stream; the norms become LNPre/RMSPre. Preserves logits and the residual
+  stream (pre-LN models only: in post-LN models the stream *is* the affine output).
+- center_writing_weights: everything written to the residual stream loses its mean
+  over d_model. LayerNorm removes that mean anyway, so logits are preserved; the
+  residual stream becomes its own centred version. Not for RMSNorm, which keeps it.
+- center_unembed: W_U and b_U lose their mean over the vocabulary: logits shift by a
+  constant per position, so log-probs and logit differences are preserved.
+- fold_value_biases: b_V moves into b_O (attention rows sum to one). Preserves logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.layout import set_param
+
+
+class WeightProcessingError(ValueError):
+    """A processing step that would change what the model computes."""
+
+
+def process_weights(model, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False):
+    with torch.no_grad():
+        if fold_ln:
+            _fold_ln(model)
+        if center_writing_weights:
+            _center_writing_weights(model)
+        if center_unembed:
+            _center_unembed(model)
+        if fold_value_biases:
+            _fold_value_biases(model)
+    model.setup_hooks()
+    return model
+
+
+def _fold_into(norm, readers: list[tuple[torch.Tensor, torch.Tensor]], center: bool, axis: int) -> None:
+    """Fold `norm`'s affine part into (W, b) pairs that read its output along `axis` (d_model)."""
+    w = norm.w
+    b = norm.b
+    for W, bias in readers:
+        shape = [1] * W.dim()
+        shape[axis] = -1
+        new_W = W * w.reshape(shape)
+        if b is not None:
+            # b_ln @ W, summed over d_model
+            set_param(bias, bias + torch.tensordot(b, W, dims=([0], [axis])))
+        if center:
+            # LN's output has zero mean, so W's component along the all-ones input direction never matters.
+            new_W = new_W - new_W.mean(dim=axis, keepdim=True)
+        set_param(W, new_W)
+    norm.w = None
+    norm.b = None
+
+
+def _fold_ln(model) -> None:
+    cfg = model.cfg
+    if cfg.normalization_type not in ("LN", "RMS"):
+        raise WeightProcessingError(f"fold_ln needs LN or RMS norms with weights; this model has {cfg.normalization_type}")
+    if cfg.post_ln:
+        raise WeightProcessingError(
+            "fold_ln does not apply to post-LN models (BERT): their residual stream is the norm's affine output"
+        )
+    center = cfg.normalization_type == "LN"
+    for block in model.blocks:
+        attn = block.attn
+        _fold_into(block.ln1, [(attn.W_Q, attn.b_Q), (attn._W_K, attn._b_K), (attn._W_V, attn._b_V)], center, axis=1)
+        if not cfg.attn_only:
+            mlp = block.mlp
+            readers = [(mlp.W_in, mlp.b_in)] + ([(mlp.W_gate, mlp.b_gate)] if mlp.gated else [])
+            _fold_into(block.ln2, readers, center, axis=0)
+    if model.ln_final is not None and model.unembed is not None:
+        model.unembed.untie()
+        _fold_into(model.ln_final, [(model.unembed.W_U, model.unembed.b_U)], center, axis=0)
+    cfg.normalization_type = "LNPre" if cfg.normalization_type == "LN" else "RMSPre"
+
+
+def _center(param: torch.Tensor) -> None:
+    set_param(param, param - param.mean(dim=-1, keepdim=True))
+
+
+def _center_writing_weights(model) -> None:
+    cfg = model.cfg
+    if cfg.normalization_type not in ("LN", "LNPre"):
+        raise WeightProcessingError(
+            f"center_writing_weights relies on LayerNorm removing the mean; this model uses {cfg.normalization_type}, "
+            "which keeps it, so centring would change its outputs"
+        )
+    if model.unembed is not None:
+        model.unembed.untie()  # W_U must keep its own values when W_E is centred
+    _center(model.embed.W_E)
+    if cfg.positional_embedding_type == "standard":
+        _center(model.pos_embed.W_pos)
+    if cfg.n_token_types:
+        _center(model.token_type_embed.W_token_type)
+    for block in model.blocks:
+        _center(block.attn.W_O)
+        _center(block.attn.b_O)
+        if not cfg.attn_only:
+            _center(block.mlp.W_out)
+            _center(block.mlp.b_out)
+
+
+def _center_unembed(model) -> None:
+    if model.unembed is None:
+        raise WeightProcessingError("center_unembed: this model has no unembedding")
+    model.unembed.untie()
+    _center(model.unembed.W_U)
+    _center(model.unembed.b_U)
+
+
+def _fold_value_biases(model) -> None:
+    for block in model.blocks:
+        attn = block.attn
+        # Each head's output gets b_V @ W_O whatever it attends to, because its pattern rows sum to 1.
+        folded = torch.einsum("hk,hkd->d", attn.b_V, attn.W_O)
+        set_param(attn.b_O, attn.b_O + folded)
+        set_param(attn._b_V, torch.zeros_like(attn._b_V))

@@ -1,0 +1,177 @@
+"""Shared fixtures: the bundled real models, their `transformers` twins, and small random
+GPT-2 / LLaMA (GQA, untied) / BERT checkpoints that the tests build and save themselves."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest
+import torch
+
+import models
+from models.registry import resolve
+
+PROMPTS = [
+    "The Eiffel Tower is located in the city of",
+    "American shrew mole",
+    "One mole of carbon dioxide weighs about forty-four grams, while",
+    "The doctor decided to take a biopsy of the mole",
+]
+TOL = dict(atol=1e-4, rtol=1e-5)
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
+    """Give every parameter (norm weights and biases too) a random value, so no term can hide."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * std
+            is_norm_weight = ("norm" in name.lower() or "ln" in name.lower()) and name.endswith("weight")
+            p.copy_(1.0 + noise if is_norm_weight else noise)
+
+
+# ---------------------------------------------------------------------- real models
+@pytest.fixture(scope="session")
+def smollm2():
+    return models.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        resolve("smollm2-135m"), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    return models.load("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def minilm_hf():
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(resolve("minilm-l6"), dtype=torch.float32, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from models.loading import load_tokenizer
+
+    return load_tokenizer(resolve("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def bert_tokenizer():
+    from models.loading import load_tokenizer
+
+    return load_tokenizer(resolve("minilm-l6"))
+
+
+# ---------------------------------------------------------------------- small random checkpoints
+def _save(tmp_path_factory, name, hf_model, tokenizer):
+    directory = tmp_path_factory.mktemp(name)
+    hf_model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, smollm2_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, vocab_size=len(smollm2_tokenizer),
+                     bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id)
+    hf = GPT2LMHeadModel(cfg).eval()
+    randomize_(hf, seed=1)
+    return _save(tmp_path_factory, "gpt2", hf, smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory, smollm2_tokenizer):
+    """LLaMA with grouped KV heads (4 query, 2 KV) and an untied unembedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=len(smollm2_tokenizer), max_position_embeddings=64,
+                      tie_word_embeddings=False, rms_norm_eps=1e-5,
+                      bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id)
+    hf = LlamaForCausalLM(cfg).eval()
+    randomize_(hf, seed=2)
+    return _save(tmp_path_factory, "llama", hf, smollm2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory, bert_tokenizer):
+    """BERT with its MLM head."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                     vocab_size=len(bert_tokenizer), max_position_embeddings=64, type_vocab_size=2)
+    hf = BertForMaskedLM(cfg).eval()
+    randomize_(hf, seed=3)
+    return _save(tmp_path_factory, "bert", hf, bert_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def bert_headless_dir(tmp_path_factory, bert_tokenizer):
+    """BERT saved without an MLM head (as all-MiniLM is)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                     vocab_size=len(bert_tokenizer), max_position_embeddings=64, type_vocab_size=2)
+    hf = BertModel(cfg, add_pooling_layer=True).eval()
+    randomize_(hf, seed=4)
+    return _save(tmp_path_factory, "bert_headless", hf, bert_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_dir):
+    return models.load(gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def llama(llama_dir):
+    return models.load(llama_dir)
+
+
+@pytest.fixture(scope="session")
+def bert(bert_dir):
+    return models.load(bert_dir)
+
+
+@pytest.fixture(scope="session")
+def attn_only():
+    """A 2-layer attention-only model without norms (the framework's toy shape), random weights."""
+    torch.manual_seed(0)
+    cfg = models.TransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_vocab=50, n_ctx=32,
+                                   d_mlp=None, normalization_type=None, positional_embedding_type="standard",
+                                   model_name="attn-only-random")
+    model = models.HookedTransformer(cfg)
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def attn_only_ln():
+    """A 1-layer attention-only model with LayerNorm and rotary positions."""
+    torch.manual_seed(1)
+    cfg = models.TransformerConfig(n_layers=1, d_model=32, n_heads=4, d_head=8, d_vocab=50, n_ctx=32,
+                                   d_mlp=None, normalization_type="LN", positional_embedding_type="rotary",
+                                   model_name="attn-only-ln-random")
+    model = models.HookedTransformer(cfg)
+    model.requires_grad_(False)
+    return model
