@@ -38,7 +38,7 @@ def run_tour(model_name: str = "smollm2-135m", prompt: str = DEFAULT_PROMPT, out
     run = {"command": f"interp tour --model {model_name} --prompt {json.dumps(prompt)}", "model": model_name,
            "model source": model.source, "device": device, "dtype": dtype}
     page = Page(f"Tour of the toolkit on {model_name}", run)
-    page.text(f"{model_name}: {model.extra_repr()}.")
+    page.text(f"Model: {model.extra_repr()}.")
     result.add_to_page(page)
     index = page.save(out / "index.html")
     (out / "results.json").write_text(json.dumps({"next_token": result.to_dict(), "timings": timings}, indent=2))

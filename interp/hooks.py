@@ -136,6 +136,8 @@ class HookedRootModule(nn.Module):
             return list(self.hook_dict)
         if callable(spec) and not isinstance(spec, (str, tuple)):
             return [n for n in self.hook_dict if spec(n)]
+        if isinstance(spec, tuple) and spec and all(isinstance(s, str) and "." in s for s in spec):
+            spec = list(spec)  # a tuple of full names, not a short key
         if isinstance(spec, (str, tuple)):
             spec = [spec]
         names = []
@@ -224,16 +226,16 @@ class HookedRootModule(nn.Module):
         # l+1) is converted and stored once.
         converted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-        def store(key: str, tensor: torch.Tensor) -> None:
-            tensor = tensor.detach()
+        def store(key: str, original: torch.Tensor) -> None:
+            tensor = original.detach()
             if device is not None or dtype is not None:
-                hit = converted.get(id(tensor))
-                if hit is not None and hit[0] is tensor:
+                # Keyed on the activation itself: detach() makes a new object every call.
+                hit = converted.get(id(original))
+                if hit is not None and hit[0] is original:
                     tensor = hit[1]
                 else:
-                    out = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-                    converted[id(tensor)] = (tensor, out)
-                    tensor = out
+                    tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+                    converted[id(original)] = (original, tensor)
             if remove_batch_dim:
                 if tensor.shape[0] != 1:
                     raise ValueError(f"remove_batch_dim needs batch size 1, {key} has batch {tensor.shape[0]}")

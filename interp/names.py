@@ -36,6 +36,10 @@ def act_name(name: str, layer: int | None = None, layer_type: str | None = None)
     "ln_final" (the default without a layer). Full names pass through unchanged.
     """
     if "." in name or name.startswith("hook_"):
+        if layer is not None or layer_type is not None:
+            raise HookNameError(
+                f"{name!r} is a full hook name and takes no layer (got {layer!r}); to name several hooks pass a list"
+            )
         return name
     key = _ALIASES.get(name, name)
     if key in _TOP and layer is None:

@@ -106,7 +106,7 @@ def generate(
         real = tokens[i][mask[i].bool()].tolist()
         n_prompt = int(tok.attention_mask[i].sum())
         cont = real[n_prompt:]
-        if eos_token_id is not None and eos_token_id in cont:
+        if stop_at_eos and eos_token_id is not None and eos_token_id in cont:
             cont = cont[: cont.index(eos_token_id)]
         # Decode prompt and continuation together (SentencePiece drops a leading space
         # when a continuation is decoded alone), then keep what follows the prompt.

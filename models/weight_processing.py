@@ -32,6 +32,8 @@ def process_weights(model, fold_ln=False, center_writing_weights=False, center_u
             _center_unembed(model)
         if fold_value_biases:
             _fold_value_biases(model)
+    if model.unembed is not None:
+        model.cfg.tied_embeddings = model.unembed.tied  # processing may have untied W_U from W_E
     model.setup_hooks()
     return model
 
@@ -87,6 +89,10 @@ def _center_writing_weights(model) -> None:
         raise WeightProcessingError(
             f"center_writing_weights relies on LayerNorm removing the mean; this model uses {cfg.normalization_type}, "
             "which keeps it, so centring would change its outputs"
+        )
+    if not cfg.post_ln and model.ln_final is None and model.unembed is not None:
+        raise WeightProcessingError(
+            "center_writing_weights: no final LayerNorm stands before the unembedding, so centring would change the logits"
         )
     if model.unembed is not None:
         model.unembed.untie()  # W_U must keep its own values when W_E is centred
