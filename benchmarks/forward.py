@@ -2,20 +2,23 @@
 
     python benchmarks/forward.py [--batches 1 8] [--seq 64] [--repeats 9] [--no-tl]
 
-For each batch size (64-token prompts) it times, interleaved round by round so that
-machine noise hits every configuration alike:
+For each batch size (64-token prompts) it times, interleaved round by round (order
+reversed every other round) so that machine noise hits every configuration alike:
 
     hf                plain transformers forward, sdpa attention, under torch.no_grad()  (the baseline)
     ours              HookedTransformer forward, no hooks
-    ours cache all    run_with_cache of every hook point (patterns and per-head results included)
+    ours cache all    run_with_cache() of every hook point (patterns included; per-head results
+                      are opt-in and computed from z on demand, as TransformerLens leaves them out)
     ours cache resid  run_with_cache of resid_pre/mid/post only
+    ours cache +result  every hook point and the per-head results [batch, pos, head, d_model] too
     tl bridge         TransformerLens 4.3 TransformerBridge forward, called as its docs show
     tl bridge cache   TransformerBridge.run_with_cache of everything
 
-and prints the median time, the ratio to the baseline, the peak memory a call adds
-(RSS sampled every millisecond, each configuration in a fresh process after one
-warm-up call) and the size of the cache: unique storage, and the naive sum that would
-count a tensor stored under two names twice.
+and prints the median time, its interquartile range, the ratio to the baseline, the
+peak memory a call adds (RSS sampled every millisecond, each configuration in a fresh
+process after one warm-up call, with glibc's mmap threshold fixed so RSS follows live
+tensors) and the size of the cache: unique storage, and the naive sum that would count
+a tensor stored under two names twice.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-CONFIGS = ["hf", "ours", "ours cache all", "ours cache resid", "tl bridge", "tl bridge cache"]
+CONFIGS = ["hf", "ours", "ours cache all", "ours cache resid", "ours cache +result", "tl bridge", "tl bridge cache"]
 RESID = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 
 
@@ -61,6 +64,7 @@ def build(configs, with_tl: bool):
     calls["ours"] = lambda x: (ours(x), None)
     calls["ours cache all"] = lambda x: ours.run_with_cache(x)
     calls["ours cache resid"] = lambda x: ours.run_with_cache(x, names_filter=lambda n: n.endswith(RESID))
+    calls["ours cache +result"] = lambda x: ours.run_with_cache(x, names_filter=lambda n: True)
     if with_tl and any(c.startswith("tl") for c in configs):
         from transformer_lens.model_bridge import TransformerBridge
 
@@ -125,7 +129,11 @@ def child(config: str, batch: int, seq: int) -> None:
 
 def memory(config: str, batch: int, seq: int) -> dict:
     cmd = [sys.executable, __file__, "--child", config, "--batches", str(batch), "--seq", str(seq)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    # Fixed glibc thresholds: every large allocation is mapped and unmapped, so RSS follows
+    # live tensors instead of whatever the allocator kept from the warm-up call.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "131072",
+           "MALLOC_TRIM_THRESHOLD_": "131072"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -153,19 +161,24 @@ def main() -> None:
         for fn in calls.values():  # warm-up: first-call allocations and kernel selection
             fn(x)
         times = {c: [] for c in calls}
-        for _ in range(args.repeats):
-            for c, fn in calls.items():
+        order = list(calls.items())
+        # Small batches are noisy here (quartiles +-10% apart on 2 cores): more rounds.
+        rounds = args.repeats * max(1, 8 // batch) // 2 * 2 + 1 if batch < 8 else args.repeats
+        for r in range(rounds):
+            for c, fn in order if r % 2 == 0 else order[::-1]:
                 gc.collect()
                 start = time.perf_counter()
                 out = fn(x)
                 times[c].append(time.perf_counter() - start)
                 del out
         base = statistics.median(times["hf"])
-        print(f"\nbatch {batch} x {args.seq} tokens")
-        print(f"{'configuration':<18} {'median ms':>10} {'x plain':>8} {'peak +MiB':>10} {'cache MiB':>10} "
+        print(f"\nbatch {batch} x {args.seq} tokens, {rounds} rounds")
+        print(f"{'configuration':<18} {'median ms':>10} {'IQR %':>6} {'x plain':>8} {'peak +MiB':>10} {'cache MiB':>10} "
               f"{'naive sum':>10} {'tensors':>8}")
         for c in calls:
             med = statistics.median(times[c])
+            q = statistics.quantiles(times[c], n=4)
+            iqr = (q[2] - q[0]) / med * 100
             mem = {} if args.no_memory else memory(c, batch, args.seq)
             if "error" in mem:
                 mem_cols = f"{'error: ' + mem['error'][:40]:>40}"
@@ -174,7 +187,7 @@ def main() -> None:
                             f"{mem['n_cached']:>8d}")
             else:
                 mem_cols = ""
-            print(f"{c:<18} {med * 1000:>10.1f} {med / base:>8.3f} {mem_cols}", flush=True)
+            print(f"{c:<18} {med * 1000:>10.1f} {iqr:>6.1f} {med / base:>8.3f} {mem_cols}", flush=True)
 
 
 if __name__ == "__main__":

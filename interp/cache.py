@@ -42,6 +42,11 @@ class ActivationCache(Mapping):
             return self.cache_dict[name]
         except KeyError:
             hooks = getattr(self.model, "hook_dict", {})
+            if name.endswith("hook_result") and name in hooks:
+                raise KeyError(
+                    f"{name!r} is opt-in (n_heads times the size of attn_out) and was not cached; use "
+                    "cache.head_results(layer), which computes it from hook_z, or name it in names_filter"
+                ) from None
             if name in hooks:
                 raise KeyError(
                     f"{name!r} is a hook point of the model but was not cached; widen names_filter "
@@ -100,6 +105,19 @@ class ActivationCache(Mapping):
         names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)]
         names.append(self.model.block_output_hook_name(n_layers - 1))
         return torch.stack([self[n] for n in names])
+
+    def head_results(self, layer: int) -> torch.Tensor:
+        """Each head's output `[batch, pos, n_heads, d_model]` (attn_out = their sum + b_O).
+
+        The cached `hook_result` if there is one, else computed from the cached `hook_z`
+        and the layer's W_O, so a default cache (which leaves hook_result out) has it too.
+        """
+        name = f"blocks.{layer}.attn.hook_result"
+        if name in self.cache_dict:
+            return self.cache_dict[name]
+        z = self["z", layer]  # [batch, pos, n_heads, d_head]
+        W_O = self.model.blocks[layer].attn.W_O  # [n_heads, d_head, d_model]
+        return torch.einsum("...hk,hkd->...hd", z, W_O.to(z.dtype))
 
     def stack_activation(self, short_name: str) -> torch.Tensor:
         """One activation for every layer, stacked on a new leading `layer` dimension."""

@@ -118,6 +118,10 @@ class HookedRootModule(nn.Module):
     """
 
     hook_dict: dict[str, HookPoint]
+    # Hook points that `names_filter=None` leaves out because caching them costs far
+    # more than the forward computes anyway (per-head attention results: n_heads times
+    # attn_out). Name them, or pass a filter function, to cache them.
+    opt_in_hooks: tuple[str, ...] = ()
 
     def setup_hooks(self) -> None:
         self.hook_dict = {}
@@ -222,6 +226,8 @@ class HookedRootModule(nn.Module):
         """Hooks that store activations (and gradients, as `name + "_grad"`) into a dict."""
         cache = {} if cache is None else cache
         names = self.resolve_hook_names(names_filter)
+        if names_filter is None and self.opt_in_hooks:
+            names = [n for n in names if not n.endswith(self.opt_in_hooks)]
         # One tensor reachable under two names (resid_post of layer l is resid_pre of
         # l+1) is converted and stored once.
         converted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -265,6 +271,10 @@ class HookedRootModule(nn.Module):
         **model_kwargs,
     ):
         """Run the model and return `(output, cache)` of the activations named by `names_filter`.
+
+        `names_filter=None` caches every hook point except the opt-in ones
+        (`opt_in_hooks`, e.g. per-head `hook_result`); a name, list, short key or filter
+        function caches exactly what it names.
 
         `device`/`dtype` say where and how the stored copies live (the model's own
         activations are untouched). With `incl_bwd=True` gradients are cached too:

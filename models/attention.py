@@ -15,7 +15,13 @@ from torch import nn
 
 from interp.hooks import HookPoint
 from models.config import TransformerConfig
-from models.layout import linear_in_heads, linear_out_heads, per_head_in, per_head_out
+from models.layout import linear_in_heads, linear_out_heads, live_bias, per_head_in, per_head_out
+
+
+def _flat(bias: torch.Tensor) -> torch.Tensor | None:
+    """[heads, d_head] bias -> [heads * d_head], or None when it is zero (see live_bias)."""
+    bias = live_bias(bias)
+    return None if bias is None else bias.reshape(-1)
 
 
 # ---------------------------------------------------------------------- rotary positions
@@ -240,9 +246,9 @@ class Attention(nn.Module):
         # x: [batch, pos, d_model] -> attn_out: [batch, pos, d_model]
         b, p, _ = x.shape
         h, kv, dh = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head
-        q = self.hook_q(F.linear(x, linear_in_heads(self.W_Q), self.b_Q.reshape(-1)).view(b, p, h, dh))
-        k = self.hook_k(F.linear(x, linear_in_heads(self._W_K), self._b_K.reshape(-1)).view(b, p, kv, dh))
-        v = self.hook_v(F.linear(x, linear_in_heads(self._W_V), self._b_V.reshape(-1)).view(b, p, kv, dh))
+        q = self.hook_q(F.linear(x, linear_in_heads(self.W_Q), _flat(self.b_Q)).view(b, p, h, dh))
+        k = self.hook_k(F.linear(x, linear_in_heads(self._W_K), _flat(self._b_K)).view(b, p, kv, dh))
+        v = self.hook_v(F.linear(x, linear_in_heads(self._W_V), _flat(self._b_V)).view(b, p, kv, dh))
         if frame.rotary is not None:
             cos, sin = frame.cos_sin(x.dtype)
             q = self.hook_rot_q(apply_rotary(q, cos, sin))
@@ -266,7 +272,7 @@ class Attention(nn.Module):
         if self.hook_result.active:
             result = self.hook_result(torch.einsum("bphk,hkd->bphd", z, self.W_O))
             return result.sum(dim=2) + self.b_O
-        return F.linear(z.reshape(b, p, h * dh), linear_out_heads(self.W_O), self.b_O)
+        return F.linear(z.reshape(b, p, h * dh), linear_out_heads(self.W_O), live_bias(self.b_O))
 
     def _explicit(self, q, k, v, frame: AttentionFrame, n_rep: int) -> torch.Tensor:
         if n_rep > 1:

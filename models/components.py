@@ -8,7 +8,7 @@ from torch import nn
 
 from interp.hooks import HookPoint
 from models.config import TransformerConfig
-from models.layout import in_out
+from models.layout import in_out, live_bias
 
 
 def activation(name: str):
@@ -128,13 +128,13 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [batch, pos, d_model]
         if self.gated:
-            pre = self.hook_pre(F.linear(x, self.W_gate.T, self.b_gate))
-            pre_linear = self.hook_pre_linear(F.linear(x, self.W_in.T, self.b_in))
+            pre = self.hook_pre(F.linear(x, self.W_gate.T, live_bias(self.b_gate)))
+            pre_linear = self.hook_pre_linear(F.linear(x, self.W_in.T, live_bias(self.b_in)))
             post = self.hook_post(self.act(pre) * pre_linear)
         else:
-            pre = self.hook_pre(F.linear(x, self.W_in.T, self.b_in))
+            pre = self.hook_pre(F.linear(x, self.W_in.T, live_bias(self.b_in)))
             post = self.hook_post(self.act(pre))
-        return F.linear(post, self.W_out.T, self.b_out)
+        return F.linear(post, self.W_out.T, live_bias(self.b_out))
 
 
 class Unembed(nn.Module):
@@ -174,7 +174,7 @@ class Unembed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [batch, pos, d_model] -> [batch, pos, d_vocab_out]
-        return F.linear(x, self.W_U.T, self.b_U)
+        return F.linear(x, self.W_U.T, live_bias(self.b_U))
 
 
 class MLMHead(nn.Module):

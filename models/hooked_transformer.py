@@ -40,6 +40,8 @@ class HookedTransformer(HookedRootModule):
     built unless you ask for gradients (`model.requires_grad_(True)` to fine-tune).
     """
 
+    opt_in_hooks = ("hook_result",)
+
     def __init__(self, cfg: TransformerConfig, tokenizer=None, init_weights: bool = True) -> None:
         super().__init__()
         self.cfg = cfg

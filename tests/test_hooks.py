@@ -208,7 +208,7 @@ def grad_by_hand(model, tokens, name, metric) -> torch.Tensor:
 def test_every_documented_hook_has_its_shape(model, family):
     spec = SPECS[family]
     tokens = tokens_for(model, 2, 7)
-    _, cache = model.run_with_cache(tokens)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: True)  # everything, opt-in ones too
     present, absent = expected_hooks(spec, 2, 7)
     for name, shape in present.items():
         assert name in model.hook_dict, name
@@ -242,7 +242,7 @@ def test_absent_hooks_are_absent_by_family(gpt2, llama, bert, attn_only, attn_on
 def test_real_model_hook_shapes(request, fixture):
     model = request.getfixturevalue(fixture)
     spec = {"smollm2": SMOLLM2, "minilm": MINILM}[fixture]
-    _, cache = model.run_with_cache(tokens_for(model, 2, 6))
+    _, cache = model.run_with_cache(tokens_for(model, 2, 6), names_filter=lambda name: True)
     present, absent = expected_hooks(spec, 2, 6)
     for name, shape in present.items():
         assert tuple(cache[name].shape) == shape, name
@@ -252,13 +252,13 @@ def test_real_model_hook_shapes(request, fixture):
 
 # ====================================================================== 2. semantics by hand
 def test_attn_out_is_sum_of_head_results_plus_b_O(model, family):
-    _, cache = model.run_with_cache(tokens_for(model))
+    _, cache = model.run_with_cache(tokens_for(model), names_filter=lambda name: True)
     for l in range(SPECS[family].n_layers):
         close(cache["result", l].sum(dim=2) + model.blocks[l].attn.b_O, cache["attn_out", l])
 
 
 def test_result_is_z_times_W_O_per_head(model, family):
-    _, cache = model.run_with_cache(tokens_for(model))
+    _, cache = model.run_with_cache(tokens_for(model), names_filter=lambda name: True)
     spec = SPECS[family]
     for l in range(spec.n_layers):
         W_O = model.W_O[l]  # [n_heads, d_head, d_model]
@@ -384,6 +384,17 @@ def test_hooking_the_pattern_bypasses_the_fused_kernel(model, family, sdpa_calls
     sdpa_calls.clear()
     model.run_with_cache(tokens)
     assert len(sdpa_calls) == 0
+
+
+def test_default_cache_leaves_out_per_head_results_but_can_compute_them(model, family):
+    tokens = tokens_for(model)
+    _, default = model.run_with_cache(tokens)
+    assert not any(name.endswith("hook_result") for name in default)
+    assert "blocks.0.attn.hook_z" in default and "blocks.0.attn.hook_pattern" in default
+    _, explicit = model.run_with_cache(tokens, names_filter=lambda name: name.endswith("hook_result"))
+    for layer in range(model.cfg.n_layers):
+        torch.testing.assert_close(default.head_results(layer), explicit["result", layer], atol=1e-5, rtol=1e-5)
+        assert explicit.head_results(layer) is explicit["result", layer]
 
 
 def test_per_head_result_is_computed_only_when_hooked(model, family):
