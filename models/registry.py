@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -61,6 +62,8 @@ def _convert_gguf(gguf: Path, target: Path) -> Path:
     from transformers.utils import logging as hf_logging
 
     start = time.perf_counter()
+    print(f"interp: first load of {gguf.name}: dequantising to float32 into {target.parent} (once, ~30 s)",
+          file=sys.stderr, flush=True)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:

@@ -408,3 +408,24 @@ def test_to_dtype_and_device(case):
     moved = fm.to("cpu", dtype=torch.float64)
     assert moved.AB.dtype == torch.float64
     close(moved.AB.to(A.dtype), A @ B)
+
+
+# ---------------------------------------------------------------------- on the models' own circuits
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])
+def test_model_QK_and_OV_agree_with_tl(request, family, TL):
+    """model.QK / model.OV are W_Q W_K^T and W_V W_O per head (GQA: KV heads repeated), and TL's
+    FactoredMatrix on the same weights gives the same spectra."""
+    model = request.getfixturevalue(family)
+    n_rep = model.cfg.n_heads // model.cfg.n_kv_heads
+    for layer in range(model.cfg.n_layers):
+        attn = model.blocks[layer].attn
+        for head in range(model.cfg.n_heads):
+            W_Q, W_K = attn.W_Q[head], attn._W_K[head // n_rep]  # the stored KV head this query head reads
+            W_V, W_O = attn._W_V[head // n_rep], attn.W_O[head]
+            for ours, (A, B) in ((model.QK[layer, head], (W_Q, W_K.T)), (model.OV[layer, head], (W_V, W_O))):
+                theirs = TL(A, B)
+                torch.testing.assert_close(ours.AB, A @ B)
+                torch.testing.assert_close(ours.AB, theirs.AB)
+                torch.testing.assert_close(ours.norm(), theirs.norm())
+                torch.testing.assert_close(ours.S, theirs.S, atol=1e-5, rtol=1e-4)
+                _match_multisets(ours.eigenvalues, theirs.eigenvalues, rel=1e-3)
