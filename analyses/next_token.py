@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from interp.report import Page, bar_chart_svg
+from interp.report import Page
+from interp.svg import bar_chart_svg
 from interp.views import View, attention_heads
 
 

@@ -113,23 +113,3 @@ class Page:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.render(), encoding="utf-8")
         return path
-
-
-def bar_chart_svg(labels: list[str], values: list[float], width: int = 560, bar_h: int = 20,
-                  value_format: str = "{:.3f}", color: str = "#4c78a8") -> str:
-    """A horizontal bar chart as inline SVG (no plotting library, no JavaScript)."""
-    label_w, pad = 150, 6
-    top = max(values) if values and max(values) > 0 else 1.0
-    height = len(values) * (bar_h + pad) + pad
-    rows = []
-    for i, (label, value) in enumerate(zip(labels, values)):
-        y = pad + i * (bar_h + pad)
-        w = max(0.0, value) / top * (width - label_w - 70)
-        rows.append(
-            f'<text x="{label_w - 6}" y="{y + bar_h * 0.72:.1f}" text-anchor="end" font-size="13">{html.escape(label)}</text>'
-            f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar_h}" fill="{color}"><title>{html.escape(label)}: '
-            f"{value_format.format(value)}</title></rect>"
-            f'<text x="{label_w + w + 4:.1f}" y="{y + bar_h * 0.72:.1f}" font-size="12">{value_format.format(value)}</text>'
-        )
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" font-family="system-ui, sans-serif">{"".join(rows)}</svg>')

@@ -122,6 +122,27 @@ REGISTRY: dict[str, RegistryEntry] = {
 }
 
 
+def _trained_dir(name: str) -> Callable[[], Path]:
+    def resolve_trained() -> Path:
+        path = Path(__file__).resolve().parent / "trained" / name
+        if not (path / "model.safetensors").exists():
+            raise MissingPackageError(f"{path} holds no trained weights; train them with: python -m models.attn_only {name}")
+        return path
+
+    return resolve_trained
+
+
+_TRAINED = {
+    "attn-only-1l": "1 layer, 4 heads, LayerNorm; trained here on a synthetic corpus (skip-trigrams, bigrams)",
+    "attn-only-2l": "2 layers, 4 heads, LayerNorm; trained here (previous-token and induction heads)",
+    "attn-only-1l-noln": "1 layer, 4 heads, no norms; trained here (exact path expansion)",
+    "attn-only-2l-noln": "2 layers, 4 heads, no norms; trained here (induction, exact path expansion)",
+}
+for _name, _description in _TRAINED.items():
+    REGISTRY[_name] = RegistryEntry(_name, _description, "models/trained (shipped with the project; "
+                                    "python -m models.attn_only retrains it)", _trained_dir(_name))
+
+
 def register(entry: RegistryEntry) -> None:
     REGISTRY[entry.name] = entry
 
