@@ -25,6 +25,7 @@ th { background: #f4f4f6; } td.num { text-align: right; font-variant-numeric: ta
 .meta { background: #f7f7f9; border: 1px solid #e4e4e8; padding: .6rem .9rem; font-size: .88rem; }
 .meta code, code { background: #eef; padding: 0 .2rem; border-radius: 3px; }
 figure { margin: 1rem 0; } figcaption { font-size: .85rem; color: #555; }
+.row { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
 .tokens span { border: 1px solid #ccd; border-radius: 3px; padding: 0 .2rem; margin: 0 1px; white-space: pre; }
 """
 
@@ -83,6 +84,13 @@ class Page:
     def figure(self, svg: str, caption: str | None = None) -> "Page":
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
         self.parts.append(f'<figure class="plot">{svg}{cap}</figure>')
+        return self
+
+    def figures(self, svgs: list[str], caption: str | None = None) -> "Page":
+        """Several figures side by side, wrapping on narrow screens."""
+        cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+        items = "".join(f"<div>{svg}</div>" for svg in svgs)
+        self.parts.append(f'<figure class="plot"><div class="row">{items}</div>{cap}</figure>')
         return self
 
     def view(self, view: View) -> "Page":

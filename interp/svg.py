@@ -65,7 +65,7 @@ def heatmap_svg(matrix, row_labels: list[str], col_labels: list[str], cell: int 
     span = (hi - lo) or 1.0
     label_w, head_h = 60, 40 if title else 24
     width, height = label_w + cell * len(col_labels) + 4, head_h + cell * len(rows) + 4
-    width = max(width, label_w + int(6.5 * len(title)))  # room for the title
+    width = max(width, label_w + int(7.5 * len(title)))  # room for the title
 
     def color(v: float) -> str:
         if v != v:

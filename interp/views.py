@@ -92,3 +92,40 @@ def attention_heads(
 def colored_tokens(tokens: list[str], values, title: str | None = None) -> View:
     """Tokens coloured by one value each (e.g. attention from one position, or a probe score)."""
     return View("ColoredTokens", {"tokens": list(tokens), "values": values}, title)
+
+
+def attention_pattern(pattern: torch.Tensor, tokens: list[str], causal: bool = True, title: str | None = None) -> View:
+    """One head, zoomed: pattern [query, key]."""
+    if pattern.dim() != 2 or pattern.shape[0] != len(tokens) or pattern.shape[1] != len(tokens):
+        raise ValueError(f"pattern must be [query, key] over the {len(tokens)} tokens, got {tuple(pattern.shape)}")
+    return View("AttentionPattern", {"tokens": list(tokens), "attention": pattern, "maskUpperTri": causal,
+                                     "showAxisLabels": True}, title)
+
+
+def attention_from(pattern: torch.Tensor, tokens: list[str], query: int = -1, title: str | None = None) -> View:
+    """The tokens coloured by how much one query position attends to each. pattern: [query, key]."""
+    if pattern.dim() != 2 or pattern.shape[1] != len(tokens):
+        raise ValueError(f"pattern must be [query, key] over the {len(tokens)} tokens, got {tuple(pattern.shape)}")
+    q = query % len(tokens)
+    title = title or f"attention from {tokens[q]!r} (position {q})"
+    return colored_tokens(tokens, pattern[q], title)
+
+
+def cache_attention(cache, layer: int, tokens: list[str], heads: list[int] | None = None, batch_index: int = 0,
+                    causal: bool | None = None, head: int | None = None, query: int | None = None) -> View:
+    """A view of any ActivationCache holding `("pattern", layer)`.
+
+    Default: the grid of `heads` (all) of that layer; with `head`, that head zoomed; with
+    `head` and `query`, the tokens coloured by that query's attention.
+    """
+    pattern = cache["pattern", layer]  # [batch, n_heads, q, k] (or without batch)
+    if getattr(cache, "has_batch_dim", True):
+        pattern = pattern[batch_index]
+    if causal is None:
+        causal = getattr(getattr(getattr(cache, "model", None), "cfg", None), "causal", True)
+    if head is not None and query is not None:
+        return attention_from(pattern[head], tokens, query, title=f"L{layer}H{head}: attention from position {query}")
+    if head is not None:
+        return attention_pattern(pattern[head], tokens, causal, title=f"L{layer}H{head}")
+    heads = list(range(pattern.shape[0])) if heads is None else heads
+    return attention_heads(pattern[heads], tokens, [f"L{layer}H{h}" for h in heads], causal, title=f"Layer {layer}")

@@ -151,7 +151,8 @@ repeated random segments; the other half are one random segment (length
 Reproduce: `python -m models.attn_only {spec.name}`.
 
 ## Measured
-- Prefix-matching (induction) score, Olsson et al. protocol (BOS + 25 random tokens x 4):
+- Prefix-matching (induction) score, Olsson et al. protocol (BOS + 25 random tokens x 4; the attention
+  on the tokens after earlier copies of the current token):
   {fmt(record['metrics']['prefix_matching'])}
 - Previous-token score on the same sequences: {fmt(record['metrics']['previous_token'])}
 - Eigenvalue positivity of each head's full OV circuit (1 = copying):
@@ -159,14 +160,30 @@ Reproduce: `python -m models.attn_only {spec.name}`.
 """
 
 
+def remeasure(spec: AttnOnlySpec, out: Path) -> Path:
+    """Recompute the card's measurements for trained weights already in `out` (no training)."""
+    from models.loading import load
+
+    directory = Path(out) / spec.name
+    record = json.loads((directory / "training.json").read_text())
+    record["metrics"] = measure(load(directory))
+    (directory / "training.json").write_text(json.dumps(record, indent=1))
+    (directory / "README.md").write_text(model_card(spec, record))
+    return directory
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Train the attention-only models.")
     parser.add_argument("names", nargs="*", default=list(SPECS), help=f"any of {', '.join(SPECS)}")
     parser.add_argument("--out", default=str(TRAINED_DIR))
+    parser.add_argument("--measure-only", action="store_true", help="rewrite the cards' measurements, no training")
     args = parser.parse_args(argv)
     for name in args.names:
         if name not in SPECS:
             parser.error(f"unknown model {name!r}; choose from {', '.join(SPECS)}")
+        if args.measure_only:
+            print(f"{name}: measured -> {remeasure(SPECS[name], Path(args.out))}")
+            continue
         model, result = train_spec(SPECS[name])
         path = save_trained(SPECS[name], model, result, Path(args.out))
         print(f"{name}: {result.seconds:.0f} s, final loss {sum(result.losses[-100:]) / 100:.3f} -> {path}")

@@ -56,10 +56,15 @@ class TransformerConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     init_range: float = 0.02
-    dtype: str = "float32"
+    # torch.dtype and device string, as TransformerLens' config has them (its utilities read
+    # both); the model keeps them current when it is moved or cast. JSON holds the dtype's name.
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):
+            self.dtype = getattr(torch, self.dtype.removeprefix("torch."))
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.d_vocab_out is None:
@@ -100,10 +105,12 @@ class TransformerConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
+        return self.dtype
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["dtype"] = str(self.dtype).removeprefix("torch.")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TransformerConfig":

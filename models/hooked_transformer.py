@@ -375,6 +375,13 @@ class HookedTransformer(HookedRootModule):
     def device(self) -> torch.device:
         return self.embed.W_E.device
 
+    def _apply(self, fn, recurse=True):
+        # Keep cfg.device / cfg.dtype true after .to(), .cuda(), .half() (TransformerLens' utilities read them).
+        out = super()._apply(fn, recurse)
+        self.cfg.device = str(self.embed.W_E.device)
+        self.cfg.dtype = self.embed.W_E.dtype
+        return out
+
     def generate(self, input, max_new_tokens: int = 20, **kwargs):
         from models.generate import generate
 

@@ -51,7 +51,6 @@ def load(
         directory, label = _locate(str(source))
         model = load_directory(directory, tokenizer, name=name or label)
     model.to(device=device, dtype=dtype)
-    model.cfg.dtype = str(dtype).removeprefix("torch.")
     model.requires_grad_(False)
     model.eval()
     if fold_ln or center_writing_weights or center_unembed or fold_value_biases:

@@ -314,10 +314,9 @@ def test_residual_stream_adds_up(model, family):
         close(cache["blocks.1.hook_resid_pre"], cache["blocks.0.hook_resid_post"])
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if SPECS[f].norm], indirect=True)
 def test_norm_hooks_hold_scale_and_normalized_input(model, family):
     spec = SPECS[family]
-    if not spec.norm:
-        pytest.skip("no norms")
     _, cache = model.run_with_cache(tokens_for(model))
     x = cache["resid_mid", 0] if spec.post_ln else cache["resid_pre", 0]  # what ln1 reads
     eps = model.cfg.norm_eps
@@ -604,9 +603,8 @@ def test_remove_batch_dim(model, family):
     assert_no_hooks(model)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if SPECS[f].n_layers > 1], indirect=True)
 def test_tensor_reachable_under_two_names_is_stored_once(model, family):
-    if SPECS[family].n_layers < 2:
-        pytest.skip("needs two layers")
     _, cache = model.run_with_cache(tokens_for(model))
     out_name = model.block_output_hook_name(0)  # resid_post, or normalized_resid_post for BERT
     a, b = cache[out_name], cache["blocks.1.hook_resid_pre"]
@@ -818,10 +816,9 @@ def test_backward_hook_in_context_gets_the_gradient(model, family):
     assert_no_hooks(model)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if SPECS[f].n_layers > 1], indirect=True)
 def test_backward_hook_can_replace_the_gradient(model, family):
     n = SPECS[family].n_layers
-    if n < 2:
-        pytest.skip("needs a hook upstream of another")
     tokens = tokens_for(model)
     metric = lambda logits: logits[0, -1, 5]
     grads = {}
