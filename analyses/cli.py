@@ -2,6 +2,8 @@
 
     interp tour      the main job: run the tour on the bundled models, write reports/tour/
     interp models    list the registered models and where each loads from
+    interp ioi       activation, path and attribution patching on indirect-object pairs
+    interp factual   the same on landmark -> city recall, plus a Gaussian-noise causal trace
 """
 
 from __future__ import annotations
@@ -32,6 +34,20 @@ def _models(args) -> int:
     return 0
 
 
+def _ioi(args) -> int:
+    from analyses.ioi import main
+
+    main(["--model", args.model, "--out", args.out] + (["--pairs", str(args.pairs)] if args.pairs else []))
+    return 0
+
+
+def _factual(args) -> int:
+    from analyses.factual import main
+
+    main(["--model", args.model, "--out", args.out])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interp", description="Mechanistic-interpretability toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument("--device", default="cpu")
     tour.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     tour.set_defaults(func=_tour)
+    ioi = sub.add_parser("ioi", help="patching study: indirect-object identification (reports/ioi)")
+    ioi.add_argument("--model", default="smollm2-135m")
+    ioi.add_argument("--pairs", type=int, default=None, help="the first N of the 24 pairs")
+    ioi.add_argument("--out", default="reports/ioi")
+    ioi.set_defaults(func=_ioi)
+    factual = sub.add_parser("factual", help="patching study: landmark -> city recall (reports/factual)")
+    factual.add_argument("--model", default="smollm2-135m")
+    factual.add_argument("--out", default="reports/factual")
+    factual.set_defaults(func=_factual)
     listing = sub.add_parser("models", help="list the models that load without a hub")
     listing.set_defaults(func=_models)
     return parser

@@ -124,6 +124,7 @@ class AttentionFrame:
         key_mask: torch.Tensor | None,
         past_kv: KVCache | None,
         rotary: "Rotary | None",
+        allowed: torch.Tensor | None = None,
     ) -> None:
         self.cfg = cfg
         self.n_query = n_query
@@ -133,7 +134,8 @@ class AttentionFrame:
         self.offset = past_kv.length if past_kv is not None else 0
         self.rotary = rotary
         self._cos_sin: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._allowed: torch.Tensor | None = None
+        self._allowed: torch.Tensor | None = allowed  # an explicit mask is used as given
+        self._explicit = allowed is not None
 
     def cos_sin(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if dtype not in self._cos_sin:
@@ -143,13 +145,14 @@ class AttentionFrame:
     @property
     def needs_mask(self) -> bool:
         """False when SDPA's own `is_causal` (or no mask at all) says everything."""
-        if self.key_mask is not None:
+        if self.key_mask is not None or self._explicit:
             return True
         return self.cfg.causal and self.offset > 0 and self.n_query > 1
 
     @property
     def sdpa_is_causal(self) -> bool:
-        return self.cfg.causal and self.offset == 0 and self.n_query > 1 and self.key_mask is None
+        return (self.cfg.causal and self.offset == 0 and self.n_query > 1 and self.key_mask is None
+                and not self._explicit)
 
     def allowed(self) -> torch.Tensor:
         """Boolean `[batch or 1, 1, n_query, n_key]`: may this query read this key?"""

@@ -41,6 +41,9 @@ class HookedTransformer(HookedRootModule):
     """
 
     opt_in_hooks = ("hook_result",)
+    # forward() can resume at a layer from a residual stream with a frozen key/value prefix
+    # (start_at_layer + past_kv + logit_positions): the patching engine's fast path.
+    supports_resume = True
 
     def __init__(self, cfg: TransformerConfig, tokenizer=None, init_weights: bool = True) -> None:
         super().__init__()
@@ -96,6 +99,9 @@ class HookedTransformer(HookedRootModule):
         past_kv: KVCache | None = None,
         tokens: torch.Tensor | None = None,
         loss_per_token: bool = False,
+        logit_positions: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_allowed: torch.Tensor | None = None,
     ):
         """Run the model.
 
@@ -105,6 +111,12 @@ class HookedTransformer(HookedRootModule):
         block l would read, without running it or anything after it.
         return_type: "auto" (logits, or the final hidden state for a headless encoder),
         "logits", "hidden", "loss" (next-token), "both" (logits, loss) or None.
+        logit_positions `[batch, k]`: compute the final norm and unembedding only at these
+        positions (the others are never needed by, e.g., a metric on the last token);
+        the output is then `[batch, k, d_vocab]`.
+        positions `[batch, pos]` with attention_allowed `[batch or 1, 1, pos, cached + pos]`
+        (bool): explicit positions and an explicit attention mask, for inputs that are not
+        one sequence per row (the patching engine packs many short rows into one).
         """
         if start_at_layer is None:
             tokens, attention_mask, token_type_ids = self._as_tokens(
@@ -123,15 +135,19 @@ class HookedTransformer(HookedRootModule):
         n_layers = self.cfg.n_layers
         start = self._layer_index(start_at_layer, 0, "start_at_layer")
         stop = self._layer_index(stop_at_layer, n_layers, "stop_at_layer")
-        past = past_kv.length if past_kv is not None else 0
-        if past + n_query > self.cfg.n_ctx:
-            raise ContextLengthError(
-                f"{past + n_query} positions exceed the context of {self.cfg.model_name} (n_ctx={self.cfg.n_ctx})"
-            )
         if past_kv is not None and not past_kv.frozen and (start, stop) != (0, n_layers):
             raise ValueError("a growing KV cache needs every layer to run; use past_kv.frozen_copy() with start/stop")
-        key_mask, full_mask, positions = self._mask_and_positions(batch, n_query, attention_mask, past_kv, device)
-        frame = AttentionFrame(self.cfg, n_query, positions, key_mask, past_kv, self.rotary)
+        if attention_allowed is not None:
+            if positions is None:
+                raise ValueError("attention_allowed needs explicit positions")
+            key_mask, full_mask, positions = None, None, torch.as_tensor(positions, device=device)
+        else:
+            key_mask, full_mask, positions = self._mask_and_positions(batch, n_query, attention_mask, past_kv, device)
+        if positions.numel() and int(positions.max()) >= self.cfg.n_ctx:
+            raise ContextLengthError(
+                f"position {int(positions.max())} is beyond the context of {self.cfg.model_name} (n_ctx={self.cfg.n_ctx})"
+            )
+        frame = AttentionFrame(self.cfg, n_query, positions, key_mask, past_kv, self.rotary, attention_allowed)
 
         resid = self._embed(tokens, positions, token_type_ids) if start_at_layer is None else input
         for block in self.blocks[start:stop]:
@@ -140,6 +156,12 @@ class HookedTransformer(HookedRootModule):
             past_kv.commit(n_query, full_mask)
         if stop_at_layer is not None:
             return resid
+        if logit_positions is not None:
+            if return_type in ("loss", "both"):
+                raise ValueError("logit_positions computes logits at a few positions; the loss needs all of them")
+            index = torch.as_tensor(logit_positions, device=resid.device).long()
+            index = index[None].expand(resid.shape[0], -1) if index.dim() == 1 else index
+            resid = resid.gather(1, index[..., None].expand(-1, -1, resid.shape[-1]))  # [batch, k, d_model]
         return self._head(resid, return_type, tokens, attention_mask, loss_per_token)
 
     def _layer_index(self, index: int | None, default: int, what: str) -> int:

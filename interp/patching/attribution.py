@@ -1,0 +1,230 @@
+"""Attribution patching: every site's patching effect from 2 forwards and 1 backward.
+
+Patching site a from the base run's value a_base to the source's a_src changes the metric
+by about (a_src - a_base) . dm/da, the gradient taken once on the base run (Nanda 2023;
+Syed et al. 2023). The approximation is poor where the metric is far from linear in the
+site, above all through the attention softmax: a query or key patch can move a pattern
+from one token to another. AtP* (Kramar et al. 2024) fixes that part: for q and k sites
+the new attention pattern is recomputed exactly from the patched queries/keys and only
+the step from the pattern to the metric is linearised, (A_new - A_base) . dm/dA.
+
+The result has the same grid and meaning as `activation_patch` (the estimated patched
+metric, normalised the same way), so `compare(exact, approx)` can line them up cell by cell.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from interp.patching.engine import PatchingRuns, _labels, _logits_at, _positions
+from interp.patching.metrics import Baselines, MetricContext, as_metric
+from interp.patching.result import PatchResult
+from interp.patching.runs import GaussianNoise, ablation_source, as_tokens
+from interp.patching.sites import enumerate_sites, hook_name
+
+
+def attribution_patch(model, clean, corrupted=None, *, kind: str = "resid_pre", by: str = "layer_pos", metric,
+                      direction: str = "denoise", noise: GaussianNoise | None = None, ablation: str | None = None,
+                      ablation_data=None, layers=None, qk_fix: bool = True, seed: int = 0, prepend_bos=None,
+                      runs: PatchingRuns | None = None) -> PatchResult:
+    """Estimate `activation_patch(...)` with the same arguments for every site at once.
+
+    qk_fix: AtP*'s exact softmax for q and k sites (False: the plain linear estimate).
+    """
+    return attribution_sweeps(model, clean, corrupted, sweeps=[(kind, by)], metric=metric, direction=direction,
+                              noise=noise, ablation=ablation, ablation_data=ablation_data, layers=layers,
+                              qk_fix=qk_fix, seed=seed, prepend_bos=prepend_bos, runs=runs)[(kind, by)]
+
+
+def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, direction: str = "denoise",
+                       noise: GaussianNoise | None = None, ablation: str | None = None, ablation_data=None,
+                       layers=None, qk_fix: bool = True, seed: int = 0, prepend_bos=None,
+                       runs: PatchingRuns | None = None) -> dict[tuple[str, str], PatchResult]:
+    """Several sweeps [(kind, by), ...] from the same 2 forwards and 1 backward: {(kind, by): PatchResult}."""
+    start = time.perf_counter()
+    metric = as_metric(metric)
+    runs = runs or PatchingRuns(model, clean, corrupted, noise, prepend_bos)
+    n_pos = runs.n_pos
+    positions = _positions(metric, n_pos)
+    grids = {sweep: enumerate_sites(model, sweep[0], sweep[1], n_pos, layers)[1:] for sweep in sweeps}  # validates
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    kinds = sorted({k for k, _ in sweeps})
+    names = [hook_name(kind, layer) for kind in kinds for layer in layers]
+    fix = qk_fix and any(k in ("q", "k") for k in kinds)
+    rq, rk = ("attn.hook_rot_q", "attn.hook_rot_k") if model.cfg.positional_embedding_type == "rotary" \
+        else ("attn.hook_q", "attn.hook_k")
+    qk_names = [f"blocks.{layer}.{n}" for layer in layers for n in (rq, rk)] if fix else []
+    pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers] if fix else []
+    qk_names = [n for n in qk_names if n not in names]
+    pattern_names = [n for n in pattern_names if n not in names]
+
+    base, source_run, label = runs.base_and_source(direction, ablation)
+    if ablation is not None and metric.normalized:
+        raise ValueError("a normalized metric needs a corrupted run to define 0; use the raw metric with ablations")
+
+    # Forward 1 (no graph): the source activations.
+    with torch.no_grad():
+        if source_run is not None:
+            source_logits, source = _logits_at(model, source_run.tokens, source_run.hooks, positions,
+                                               names + qk_names)
+        else:
+            data = None if ablation_data is None else as_tokens(model, ablation_data, "ablation data", prepend_bos)
+            source_logits, source = None, _logits_at(model, data, [], positions, names)[1] if data is not None else {}
+
+    # Forward 2 with a graph, and the one backward: base activations and their gradients.
+    acts, grads = {}, {}
+
+    def leaf(tensor, hook):  # the graph starts at the embeddings, whatever the parameters' requires_grad
+        return tensor.detach().requires_grad_(True)
+
+    def keep(tensor, hook):
+        acts[hook.name] = tensor.detach()
+        if tensor.requires_grad:
+            tensor.register_hook(lambda g, n=hook.name: grads.__setitem__(n, g.detach()))
+        return tensor
+
+    hooks = base.hooks + [("hook_embed", leaf)] + [(n, keep) for n in names + qk_names + pattern_names]
+    resume = getattr(model, "supports_resume", False)
+    with model.hooks(fwd_hooks=hooks), torch.enable_grad():
+        if resume:  # the unembedding only where the metric reads
+            logits = model(base.tokens, logit_positions=torch.tensor(positions, device=base.tokens.device))
+        else:
+            logits = model(base.tokens)[:, positions]
+        prompt_idx = torch.arange(base.tokens.shape[0], device=logits.device)
+        if source_run is None:
+            source = {n: ablation_source(n, acts[n], ablation, source.get(n), seed) for n in names}
+            source_logits = logits.detach()
+        clean_logits = logits.detach() if base is runs.clean else source_logits
+        corrupt_logits = source_logits if base is runs.clean else logits.detach()
+        ctx = MetricContext(clean_logits, corrupt_logits)
+        base_metric = metric(logits, prompt_idx, ctx)
+        base_metric.sum().backward()  # prompts are independent: one backward gives every prompt's gradient
+    base_metric = base_metric.detach().float().cpu()
+    baselines = Baselines(metric(clean_logits, prompt_idx, ctx).float().cpu(),
+                          metric(corrupt_logits, prompt_idx, ctx).float().cpu(), ctx)
+    seconds = time.perf_counter() - start
+
+    results = {}
+    for kind, by in sweeps:
+        t0 = time.perf_counter()
+        deltas = []
+        use_fix = qk_fix and kind in ("q", "k")
+        for layer in layers:
+            name = hook_name(kind, layer)
+            if name not in grads:  # the metric does not depend on this site (e.g. after the read position)
+                grads[name] = torch.zeros_like(acts[name])
+            if use_fix:
+                deltas.append(_qk_delta(model, kind, by, layer, acts, source, grads, rq, rk))
+            else:
+                deltas.append(_linear_delta(kind, by, acts[name], source[name].to(acts[name]), grads[name]))
+        delta = torch.stack(deltas, dim=1).float().cpu()  # [n_prompts, layer, ...grid]
+        per_prompt = base_metric.view(-1, *([1] * (delta.dim() - 1))) + delta
+        if metric.normalized:
+            per_prompt = baselines.normalize(per_prompt)
+        shape, axes = grids[(kind, by)]
+        labels = _labels(model, axes, shape, layers, base.tokens, kind)
+        results[(kind, by)] = PatchResult(
+            kind, by, axes, labels, per_prompt, metric.name, label, baselines.clean, baselines.corrupted,
+            metric.normalized, forwards=2, seconds=seconds + time.perf_counter() - t0,
+            extra={"method": "attribution (AtP*)" if use_fix else "attribution", "backwards": 1,
+                   "shared_pass_s": round(seconds, 4)})
+    return results
+
+
+def _linear_delta(kind, by, base, src, grad) -> torch.Tensor:
+    """(src - base) . grad summed to the grid's cell, per prompt (one layer)."""
+    prod = (src - base) * grad
+    if kind == "pattern":  # [n, head, dest, src]
+        return {"dest_src": prod, "head_pos": prod.sum(-1), "head": prod.sum((-1, -2))}[by]
+    if by in ("layer_pos", "layer"):  # [n, pos, d_model]
+        per_pos = prod.sum(-1)
+        return per_pos if by == "layer_pos" else per_pos.sum(-1)
+    per_pos_head = prod.sum(-1).transpose(1, 2)  # [n, pos, head, d] -> [n, head, pos]
+    return per_pos_head if by == "head_pos" else per_pos_head.sum(-1)
+
+
+def _qk_delta(model, kind, by, layer, acts, source, grads, rq, rk) -> torch.Tensor:
+    """AtP*: the exact new pattern from patched queries (or keys), linearised from the pattern on."""
+    cfg = model.cfg
+    q_name, k_name = f"blocks.{layer}.{rq}", f"blocks.{layer}.{rk}"
+    pattern, g = acts[f"blocks.{layer}.attn.hook_pattern"].double(), grads.get(f"blocks.{layer}.attn.hook_pattern")
+    if g is None:
+        g = torch.zeros_like(pattern)
+    g = g.double()
+    n_rep = cfg.n_heads // cfg.n_kv_heads
+    # [n, pos, heads, d] -> [n, heads, pos, d], keys repeated to every query head of their group
+    q_base, q_src = (t.double().transpose(1, 2) for t in (acts[q_name], source[q_name]))
+    k_base, k_src = (t.double().transpose(1, 2).repeat_interleave(n_rep, 1) for t in (acts[k_name], source[k_name]))
+    scale = 1.0 / cfg.scale
+    n_pos = pattern.shape[-1]
+    causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=pattern.device).tril() if cfg.causal else \
+        torch.ones(n_pos, n_pos, dtype=torch.bool, device=pattern.device)
+    base_pg = (pattern * g).sum(-1)  # [n, h, q]
+    if kind == "q" or by == "head":
+        # Each query row (q sites) -- or every key at once (k patched at all positions) -- gives a new softmax.
+        q_new, k_new = (q_src, k_base) if kind == "q" else (q_base, k_src)
+        scores = (q_new @ k_new.transpose(-1, -2) * scale).masked_fill(~causal, -math.inf)
+        per_row = (scores.softmax(-1) * g).sum(-1) - base_pg  # [n, h, q]
+        if kind == "q":
+            return (per_row if by == "head_pos" else per_row.sum(-1)).float()
+        return _group(per_row.sum(-1), n_rep).float()  # k by head: [n, kv_heads]
+    # k by head_pos: only column j of row q changes, by ds = q . (k_src_j - k_base_j) * scale. In log space
+    # (attention is often peaked, and exp(ds) overflows): the new weight on j is w = sigmoid(x) with
+    # x = log a_j + ds - log(1 - a_j), and every other weight is scaled by r = (1 - w) / (1 - a_j).
+    scores = (q_base @ k_base.transpose(-1, -2) * scale).masked_fill(~causal, -math.inf)
+    log_a = scores.log_softmax(-1)  # [n, h, q, j]
+    a = log_a.exp()
+    ds = (q_base * scale) @ (k_src - k_base).transpose(-1, -2)  # [n, h, q, j]
+    # log(1 - a_j) and sum_{k != j} a_k g_k, accurately also for a peaked row's top key (a_j ~ 1, where
+    # 1 - a_j and base_pg - a_j g_j cancel): for that key they are summed over the other keys directly.
+    top = torch.nn.functional.one_hot(log_a.argmax(-1), log_a.shape[-1]).bool()  # [n, h, q, j]
+    rest_of_top = torch.logsumexp(log_a.masked_fill(top, -math.inf), -1, keepdim=True)  # [n, h, q, 1]
+    log_rest = torch.where(top, rest_of_top, torch.log1p(-a.clamp(max=0.5)))
+    log_rest = log_rest.clamp(min=-700.0)  # a row with a single key: nothing else to rescale
+    others = torch.where(top, (a * g).masked_fill(top, 0.0).sum(-1, keepdim=True), base_pg[..., None] - a * g)
+    x = log_a + ds - log_rest
+    w = torch.sigmoid(x)
+    r = torch.exp((torch.nn.functional.logsigmoid(-x) - log_rest).clamp(max=700.0))
+    new_pg = others * r + w * g
+    change = (new_pg - base_pg[..., None]).masked_fill(~causal, 0.0).sum(-2)  # over query rows: [n, h, j]
+    return _group(change, n_rep).float()  # [n, kv_heads, pos]
+
+
+def _group(per_head: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Sum query heads into their KV head: [n, heads, ...] -> [n, kv_heads, ...]."""
+    return per_head.unflatten(1, (-1, n_rep)).sum(2)
+
+
+def effects(result: PatchResult) -> torch.Tensor:
+    """Each cell's change from the unpatched base run, per prompt [n_prompts, *grid]."""
+    if result.normalized:
+        base = torch.full_like(result.clean_metric, 0.0 if result.direction == "denoise" else 1.0)
+    else:
+        base = result.corrupted_metric if result.direction == "denoise" else result.clean_metric
+    return result.per_prompt - base.view(-1, *([1] * (result.per_prompt.dim() - 1)))
+
+
+def compare(exact: PatchResult, approx: PatchResult, k: int = 10) -> dict:
+    """Agreement of two sweeps of the same grid (e.g. attribution vs exact) on the mean effect per cell.
+
+    pearson / spearman correlation over cells, and top-k agreement: the share of the k
+    cells with the largest |effect| in `exact` that are also among the k largest in `approx`.
+    """
+    if exact.shape != approx.shape:
+        raise ValueError(f"the sweeps have different grids: {exact.shape} vs {approx.shape}")
+    a, b = effects(exact).mean(0).flatten().double(), effects(approx).mean(0).flatten().double()
+    k = min(k, a.numel())
+
+    def pearson(x, y):
+        x, y = x - x.mean(), y - y.mean()
+        return float((x @ y) / (x.norm() * y.norm()).clamp(min=1e-30))
+
+    def ranks(x):
+        return torch.empty_like(x).scatter_(0, x.argsort(), torch.arange(len(x), dtype=x.dtype))
+
+    top_a, top_b = set(a.abs().topk(k).indices.tolist()), set(b.abs().topk(k).indices.tolist())
+    return {"pearson": pearson(a, b), "spearman": pearson(ranks(a), ranks(b)), "top_k": len(top_a & top_b) / k,
+            "k": k, "max_abs_diff": float((a - b).abs().max()), "cells": a.numel()}

@@ -1,0 +1,236 @@
+"""Path patching (Wang et al. 2022; Goldowsky-Dill et al. 2023): the effect of a set of
+sender heads on the model's output *through* a set of receivers only.
+
+Step 1, the sender run: the base run with the senders' outputs (`hook_z`) taken from the
+source run and every other head frozen at its base value, so the change reaches the
+receivers only along direct paths (and through MLPs, which recompute, unless
+`freeze_mlps`). The receivers' inputs are recorded there.
+Step 2, the receiver run: the base run with only the receivers' inputs replaced by the
+recorded ones; everything downstream recomputes. The metric is read from it.
+
+Receivers are heads with the inputs they read ("q", "k", "v", any combination), or
+"resid", the final residual stream (then step 1's logits are the answer). A receiver
+head's k and v inputs are patched for that query head alone, also under grouped-query
+attention where the key/value projection is shared by the group: its z is recomputed
+from its own query, keys and values.
+
+Direction as in `activation_patch`: "noise" (the paper's setting) patches the corrupted
+run's sender outputs into the clean run; "denoise" the clean outputs into the corrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from interp.patching.engine import PatchingRuns, _labels, _logits_at, _positions
+from interp.patching.metrics import Baselines, MetricContext, as_metric
+from interp.patching.result import PatchResult
+from interp.patching.runs import GaussianNoise
+
+Head = tuple[int, int]
+
+
+def _receivers(model, receivers, receiver_inputs: str) -> list[tuple[int, int, str]] | str:
+    if isinstance(receivers, str):
+        if receivers != "resid":
+            raise ValueError(f"receivers are a list of (layer, head) or 'resid', got {receivers!r}")
+        return "resid"
+    inputs = set(receiver_inputs)
+    if not inputs or not inputs <= set("qkv"):
+        raise ValueError(f"receiver_inputs is a combination of 'q', 'k', 'v', got {receiver_inputs!r}")
+    out = []
+    for r in receivers:
+        layer, head = r[0], r[1]
+        which = r[2] if len(r) > 2 else receiver_inputs
+        _check_head(model, (layer, head), "receiver")
+        out.append((int(layer), int(head), "".join(sorted(set(which)))))
+    if not out:
+        raise ValueError("no receivers given")
+    return out
+
+
+def _check_head(model, head, what: str) -> None:
+    layer, h = head
+    if not (0 <= layer < model.cfg.n_layers and 0 <= h < model.cfg.n_heads):
+        raise ValueError(f"{what} head {tuple(head)} is outside the model ({model.cfg.n_layers} layers x "
+                         f"{model.cfg.n_heads} heads)")
+
+
+def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid", receiver_inputs: str = "q",
+               metric, direction: str = "noise", noise: GaussianNoise | None = None, sender_positions=None,
+               freeze_mlps: bool = False, batch_size: int = 64, progress: bool = True, prepend_bos=None,
+               runs: PatchingRuns | None = None) -> PatchResult:
+    """Path-patch senders -> receivers.
+
+    senders: a list of (layer, head) patched together (the result's grid is empty: one
+    value per prompt), or "each": every head below the lowest receiver layer on its own,
+    giving a [layer, head] map. receivers: "resid" or [(layer, head), ...] (optionally
+    (layer, head, "qk") to choose inputs per receiver); receiver_inputs: the default inputs.
+    sender_positions: positions whose sender outputs are patched (default all).
+    """
+    start = time.perf_counter()
+    metric = as_metric(metric)
+    runs = runs or PatchingRuns(model, clean, corrupted, noise, prepend_bos)
+    if runs.corrupted is None:
+        raise ValueError("path patching needs corrupted prompts or noise=GaussianNoise(...)")
+    cfg = model.cfg
+    recv = _receivers(model, receivers, receiver_inputs)
+    top = cfg.n_layers if recv == "resid" else min(r[0] for r in recv)
+    if senders == "each":
+        sender_sets = [[(layer, h)] for layer in range(top) for h in range(cfg.n_heads)]
+        shape, axes = (top, cfg.n_heads), ("layer", "head")
+    else:
+        sender_sets = [[tuple(s) for s in senders]]
+        for s in sender_sets[0]:
+            _check_head(model, s, "sender")
+            if s[0] >= top:
+                raise ValueError(f"sender {s} is not below the receivers (lowest receiver layer {top}): "
+                                 "no path runs from it to them")
+        shape, axes = (), ()
+    base, source_run, label = runs.base_and_source(direction)
+    n_pos = runs.n_pos
+    positions = _positions(metric, n_pos)
+    pos_mask = torch.zeros(n_pos, dtype=torch.bool)
+    pos_mask[list(range(n_pos)) if sender_positions is None else list(sender_positions)] = True
+    pos_mask = pos_mask.to(base.tokens.device)
+
+    rq, rk = ("attn.hook_rot_q", "attn.hook_rot_k") if cfg.positional_embedding_type == "rotary" \
+        else ("attn.hook_q", "attn.hook_k")
+    z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(top)]
+    mlp_names = [f"blocks.{layer}.hook_mlp_out" for layer in range(top)] if freeze_mlps and not cfg.attn_only else []
+    recv_layers = [] if recv == "resid" else sorted({r[0] for r in recv})
+    recv_names = [f"blocks.{layer}.{n}" for layer in recv_layers for n in (rq, rk, "attn.hook_v")]
+    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(cfg.n_layers)]
+    with torch.no_grad():
+        base_logits, base_cache = _logits_at(model, base.tokens, base.hooks, positions,
+                                             z_names + mlp_names + recv_names + resid_names)
+        source_logits, source_cache = _logits_at(model, source_run.tokens, source_run.hooks, positions, z_names)
+    clean_logits = base_logits if base is runs.clean else source_logits
+    corrupt_logits = source_logits if base is runs.clean else base_logits
+    ctx = MetricContext(clean_logits, corrupt_logits)
+    n_prompts = base.tokens.shape[0]
+    prompt_all = torch.arange(n_prompts, device=base_logits.device)
+    baselines = Baselines(metric(clean_logits, prompt_all, ctx).float().cpu(),
+                          metric(corrupt_logits, prompt_all, ctx).float().cpu(), ctx)
+
+    # Below a row's lowest sender (step 1) or lowest receiver (step 2) the run is the base run:
+    # models that can resume start there from the base residual stream.
+    resume = getattr(model, "supports_resume", False)
+    rows = [(si, b) for si in range(len(sender_sets)) for b in range(n_prompts)]
+    groups: dict[int, list] = {}
+    for si, b in rows:
+        groups.setdefault(min(l for l, _ in sender_sets[si]) if resume else 0, []).append((si, b))
+    chunks = [(layer, g[i: i + batch_size]) for layer, g in sorted(groups.items()) for i in range(0, len(g), batch_size)]
+    values = torch.zeros(n_prompts, len(sender_sets))
+    forwards = 2
+    recv_start = (min(recv_layers) if resume else 0) if recv != "resid" else 0
+    with torch.no_grad():
+        for layer, chunk in tqdm(chunks, disable=not progress, desc="path patching", mininterval=1.0):
+            sets = [sender_sets[si] for si, _ in chunk]
+            prompt = torch.tensor([b for _, b in chunk], device=base.tokens.device)
+            out = _sender_run(model, base, prompt, sets, base_cache, source_cache, z_names, mlp_names, pos_mask,
+                              recv_names, positions, layer)
+            forwards += 1
+            if recv != "resid":
+                out = _receiver_run(model, base, prompt, recv, out, base_cache, positions, rq, rk, recv_start)
+                forwards += 1
+            values[prompt.cpu(), torch.tensor([si for si, _ in chunk])] = metric(out, prompt, ctx).float().cpu()
+    per_prompt = values.view(n_prompts, *shape)
+    if metric.normalized:
+        per_prompt = baselines.normalize(per_prompt)
+    labels = _labels(model, axes, shape, list(range(top)), base.tokens, "z") if axes else {}
+    what = "resid" if recv == "resid" else ", ".join(f"L{l}H{h}.{w}" for l, h, w in recv)
+    return PatchResult("path", "head" if axes else "set", axes, labels, per_prompt, metric.name, label,
+                       baselines.clean, baselines.corrupted, metric.normalized, forwards=forwards,
+                       seconds=time.perf_counter() - start,
+                       extra={"receivers": what, "senders": "each" if senders == "each" else sender_sets[0],
+                              "freeze_mlps": freeze_mlps})
+
+
+def _resume(model, base, prompt, base_cache, layer: int, **kwargs):
+    """Run rows of `base` from `layer` on (the base residual stream there as input), or from the tokens.
+    Returns logits at `logit_at` ([R, k, vocab]) or, with stop_at_layer, the residual stream."""
+    logit_at = kwargs.pop("logit_at", None)
+    if logit_at is not None:
+        if getattr(model, "supports_resume", False):  # the unembedding only where the metric reads
+            kwargs["logit_positions"] = torch.tensor(logit_at, device=base.tokens.device)
+            return _resume(model, base, prompt, base_cache, layer, **kwargs)
+        return _resume(model, base, prompt, base_cache, layer, **kwargs)[:, logit_at]
+    if layer == 0:
+        return model(base.tokens[prompt], **kwargs)
+    return model(base_cache[f"blocks.{layer}.hook_resid_pre"][prompt], start_at_layer=layer, **kwargs)
+
+
+def _sender_run(model, base, prompt, sets, base_cache, source_cache, z_names, mlp_names, pos_mask, recv_names,
+                positions, start_layer: int):
+    """Step 1 for a chunk of rows: logits [R, k, vocab] (receivers = resid) or the receivers' recorded inputs."""
+    R, H = len(sets), model.cfg.n_heads
+    masks = {}
+    for r, heads in enumerate(sets):
+        for layer, h in heads:
+            masks.setdefault(layer, torch.zeros(R, H, dtype=torch.bool))[r, h] = True
+
+    def freeze(tensor, hook):  # z [R, pos, heads, d_head]: base values, the row's senders from the source
+        layer = int(hook.name.split(".")[1])
+        frozen = base_cache[hook.name][prompt].to(tensor.dtype)
+        if layer not in masks:
+            return frozen
+        pick = masks[layer].to(tensor.device)[:, None, :, None] & pos_mask[None, :, None, None]
+        return torch.where(pick, source_cache[hook.name][prompt].to(tensor.dtype), frozen)
+
+    def freeze_mlp(tensor, hook):
+        return base_cache[hook.name][prompt].to(tensor.dtype)
+
+    recorded: dict = {}
+    hooks = base.hooks_for(prompt) + [(n, freeze) for n in z_names] + [(n, freeze_mlp) for n in mlp_names]
+    hooks += [(n, lambda t, hook: recorded.__setitem__(hook.name, t.detach())) for n in recv_names]
+    with model.hooks(fwd_hooks=hooks):
+        if not recv_names:
+            return _resume(model, base, prompt, base_cache, start_layer, logit_at=positions)
+        _resume(model, base, prompt, base_cache, start_layer,
+                stop_at_layer=max(int(n.split(".")[1]) for n in recv_names) + 1)
+    return recorded
+
+
+def _receiver_run(model, base, prompt, recv, recorded, base_cache, positions, rq, rk, start_layer: int):
+    """Step 2: the base run with each receiver head's z recomputed from its recorded inputs."""
+    cfg = model.cfg
+    n_rep = cfg.n_heads // cfg.n_kv_heads
+    by_layer: dict[int, list] = {}
+    for layer, head, which in recv:
+        by_layer.setdefault(layer, []).append((head, which))
+    live: dict = {}
+
+    def grab(tensor, hook):
+        live[hook.name] = tensor
+        return tensor
+
+    def recompute(z, hook):  # z: [R, pos, heads, d_head]
+        layer = int(hook.name.split(".")[1])
+        pre = f"blocks.{layer}."
+        out = z.clone()
+        n_pos = z.shape[1]
+        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=z.device).tril() if cfg.causal else \
+            torch.ones(n_pos, n_pos, dtype=torch.bool, device=z.device)
+        for head, which in by_layer[layer]:
+            g = head // n_rep
+
+            def pick(short, letter, idx):
+                src = recorded if letter in which else live
+                return src[pre + short][:, :, idx].to(z.dtype)
+
+            q, k, v = pick(rq, "q", head), pick(rk, "k", g), pick("attn.hook_v", "v", g)
+            scores = (q @ k.transpose(-1, -2) / cfg.scale).masked_fill(~causal, -math.inf)
+            out[:, :, head] = scores.softmax(-1, dtype=torch.float32).to(z.dtype) @ v
+        return out
+
+    hooks = base.hooks_for(prompt)
+    for layer in by_layer:
+        hooks += [(f"blocks.{layer}.{n}", grab) for n in (rq, rk, "attn.hook_v")]
+        hooks.append((f"blocks.{layer}.attn.hook_z", recompute))
+    with model.hooks(fwd_hooks=hooks):
+        return _resume(model, base, prompt, base_cache, start_layer, logit_at=positions)
