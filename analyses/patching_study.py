@@ -124,10 +124,37 @@ class PatchingStudy:
         return self.plot()
 
 
+def solved_pairs(model, pairs: PairSet, log=print, margin: float = 0.5) -> PairSet:
+    """The pairs the model gets right both ways (clean logit diff > margin, corrupted < -margin).
+
+    Normalising by (clean - corrupted) per pair blows up where the two runs barely differ,
+    so a pair the model fails on would dominate every averaged map.
+    """
+    correct, wrong = answer_ids(model, pairs.clean_answer), answer_ids(model, pairs.corrupted_answer)
+    rows = torch.arange(len(correct))
+    with torch.no_grad():
+        ld = {}
+        for side, prompts in (("clean", pairs.clean), ("corrupted", pairs.corrupted)):
+            logits = model(prompts)[:, -1]
+            ld[side] = (logits[rows, correct] - logits[rows, wrong]).cpu()
+    keep = [i for i in range(len(correct)) if ld["clean"][i] > margin and ld["corrupted"][i] < -margin]
+    for i in sorted(set(rows.tolist()) - set(keep)):
+        log(f"  dropped pair {pairs.clean[i]!r}: logit diff clean {float(ld['clean'][i]):.2f}, "
+            f"corrupted {float(ld['corrupted'][i]):.2f}")
+    if not keep:
+        raise ValueError(f"{model.cfg.model_name} solves none of the {pairs.name} pairs")
+    pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+    return PairSet(pairs.name, pick(pairs.clean), pick(pairs.corrupted), pick(pairs.clean_answer),
+                   pick(pairs.corrupted_answer), pairs.description)
+
+
 def run_study(model, pairs: PairSet, *, head_kind: str = "z", n_receivers: int = 3, batch_size: int = 512,
-              progress: bool = True, log=print) -> PatchingStudy:
-    """Every map of the study on `pairs` (see the module docstring)."""
+              progress: bool = True, require_solved: bool = True, log=print) -> PatchingStudy:
+    """Every map of the study on `pairs` (see the module docstring); with `require_solved`, only on the pairs
+    the model gets right (see `solved_pairs`)."""
     timings: dict[str, float] = {}
+    if require_solved:
+        pairs = solved_pairs(model, pairs, log)
     correct, wrong = answer_ids(model, pairs.clean_answer), answer_ids(model, pairs.corrupted_answer)
     metric = logit_diff(correct, wrong, normalized=True)
     runs = PatchingRuns(model, pairs.clean, pairs.corrupted)

@@ -44,7 +44,7 @@ def test_answers_must_be_single_tokens(llama):
 
 def test_study_pipeline_end_to_end(llama, tmp_path):
     # The random LLaMA reads SmolLM2's tokenizer, so the real IOI prompts run through every step quickly.
-    study = run_study(llama, ioi_pairs(2), progress=False, log=lambda *a: None)
+    study = run_study(llama, ioi_pairs(2), progress=False, require_solved=False, log=lambda *a: None)
     for kind in ("resid_pre", "z"):
         for direction in ("denoise", "noise"):
             key = f"{kind}/{direction}"
@@ -60,6 +60,17 @@ def test_study_pipeline_end_to_end(llama, tmp_path):
     assert "Path patching" in html and "<svg" in html
     frame = study.to_frame()
     assert set(frame["sweep"]) == set(study.maps)
+
+
+@pytest.mark.slow
+def test_studies_keep_only_the_pairs_smollm2_solves(smollm2):
+    from analyses.patching_study import solved_pairs
+
+    dropped = []
+    kept = solved_pairs(smollm2, ioi_pairs(), log=dropped.append)
+    assert len(kept.clean) >= 20 and len(kept.clean) + len(dropped) == len(ioi_pairs().clean)
+    assert all("Michael and Sarah were at the school" not in c for c in kept.clean)  # the pair it gets wrong
+    assert len(solved_pairs(smollm2, factual_pairs(), log=dropped.append).clean) >= 6
 
 
 @pytest.mark.slow
