@@ -12,7 +12,6 @@ and into the inputs of the heads that matter most.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

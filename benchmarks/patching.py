@@ -123,7 +123,7 @@ def main() -> None:
             f"(1 backward; an estimate: pearson {agree['pearson']:.3f}, top-10 {agree['top_k']:.1f} with exact)")
 
     start = time.perf_counter()
-    both = attribution_sweeps(model, clean, corrupted, sweeps=[v[:2] for v in sweeps.values()], metric=metric)
+    attribution_sweeps(model, clean, corrupted, sweeps=[v[:2] for v in sweeps.values()], metric=metric)
     seconds = time.perf_counter() - start
     print(f"  attribution for both sweeps from one pass: {seconds:.2f} s "
           f"(exact both: {sum(r.seconds for r in ours.values()):.1f} s)", flush=True)

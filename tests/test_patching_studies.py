@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from analyses.factual import factual_pairs
 from analyses.ioi import ioi_pairs

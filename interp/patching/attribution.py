@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from interp.patching.engine import PatchingRuns, _labels, _logits_at, _positions
+from interp.patching.engine import PatchingRuns, _labels, _logits_at, _positions, logits_at
 from interp.patching.metrics import Baselines, MetricContext, as_metric
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise, ablation_source, as_tokens
@@ -87,12 +87,8 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
         return tensor
 
     hooks = base.hooks + [("hook_embed", leaf)] + [(n, keep) for n in names + qk_names + pattern_names]
-    resume = getattr(model, "supports_resume", False)
     with model.hooks(fwd_hooks=hooks), torch.enable_grad():
-        if resume:  # the unembedding only where the metric reads
-            logits = model(base.tokens, logit_positions=torch.tensor(positions, device=base.tokens.device))
-        else:
-            logits = model(base.tokens)[:, positions]
+        logits = logits_at(model, base.tokens, positions)
         prompt_idx = torch.arange(base.tokens.shape[0], device=logits.device)
         if source_run is None:
             source = {n: ablation_source(n, acts[n], ablation, source.get(n), seed) for n in names}

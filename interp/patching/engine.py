@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from interp.patching.metrics import Baselines, Metric, MetricContext, as_metric
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise, PromptLengthError, Run, ablation_source, as_tokens, check_pairs
-from interp.patching.sites import RowBatch, Site, enumerate_sites, hook_name
+from interp.patching.sites import RowBatch, enumerate_sites, hook_name
 
 
 class _RecordKV:
@@ -87,10 +87,15 @@ def _logits_at(model, tokens: torch.Tensor, hooks: list, positions: list[int], n
     cache_hooks = [(n, lambda t, hook, s=store: s.__setitem__(hook.name, t.detach())) for n in (names or [])]
     kwargs = {"past_kv": kv} if kv is not None else {}
     with model.hooks(fwd_hooks=list(hooks) + cache_hooks):
-        if getattr(model, "supports_resume", False):  # the unembedding only where the metric reads
-            return model(tokens, logit_positions=torch.tensor(positions, device=tokens.device), **kwargs), store
-        logits = model(tokens, **kwargs)
-    return logits[:, positions], store
+        return logits_at(model, tokens, positions, **kwargs), store
+
+
+def logits_at(model, inputs, positions: list[int], **kwargs) -> torch.Tensor:
+    """model(inputs, **kwargs) read at `positions`: [batch, k, vocab]. Models that support it compute the
+    final norm and unembedding only there (on SmolLM2, 14 positions of it cost as much as ~7 layers)."""
+    if getattr(model, "supports_resume", False):
+        return model(inputs, logit_positions=torch.tensor(positions, device=inputs.device), **kwargs)
+    return model(inputs, **kwargs)[:, positions]
 
 
 class PatchingRuns:

@@ -26,7 +26,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from interp.patching.engine import PatchingRuns, _labels, _logits_at, _positions
+from interp.patching.engine import PatchingRuns, _labels, _logits_at, _positions, logits_at
 from interp.patching.metrics import Baselines, MetricContext, as_metric
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise
@@ -152,17 +152,15 @@ def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid
 
 
 def _resume(model, base, prompt, base_cache, layer: int, **kwargs):
-    """Run rows of `base` from `layer` on (the base residual stream there as input), or from the tokens.
-    Returns logits at `logit_at` ([R, k, vocab]) or, with stop_at_layer, the residual stream."""
+    """Run rows of `base` from `layer` on (the base residual stream there as input), or from the tokens:
+    logits at `logit_at` ([R, k, vocab]), or the residual stream with stop_at_layer."""
     logit_at = kwargs.pop("logit_at", None)
-    if logit_at is not None:
-        if getattr(model, "supports_resume", False):  # the unembedding only where the metric reads
-            kwargs["logit_positions"] = torch.tensor(logit_at, device=base.tokens.device)
-            return _resume(model, base, prompt, base_cache, layer, **kwargs)
-        return _resume(model, base, prompt, base_cache, layer, **kwargs)[:, logit_at]
     if layer == 0:
-        return model(base.tokens[prompt], **kwargs)
-    return model(base_cache[f"blocks.{layer}.hook_resid_pre"][prompt], start_at_layer=layer, **kwargs)
+        inputs = base.tokens[prompt]
+    else:
+        inputs = base_cache[f"blocks.{layer}.hook_resid_pre"][prompt]
+        kwargs["start_at_layer"] = layer
+    return model(inputs, **kwargs) if logit_at is None else logits_at(model, inputs, logit_at, **kwargs)
 
 
 def _sender_run(model, base, prompt, sets, base_cache, source_cache, z_names, mlp_names, pos_mask, recv_names,
