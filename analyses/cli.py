@@ -4,6 +4,7 @@
     interp models    list the registered models and where each loads from
     interp ioi       activation, path and attribution patching on indirect-object pairs
     interp factual   the same on landmark -> city recall, plus a Gaussian-noise causal trace
+    interp shift     contextual-embedding shift: the built-in "mole" and "tower" studies, or your word
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def _factual(args) -> int:
     return 0
 
 
+def _shift(args) -> int:
+    from analyses.embedding_shift import run_args
+
+    run_args(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="interp", description="Mechanistic-interpretability toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     factual.add_argument("--model", default="smollm2-135m")
     factual.add_argument("--out", default="reports/factual")
     factual.set_defaults(func=_factual)
+    shift = sub.add_parser("shift", help="contextual-embedding shift: mole/tower, or --word with --context (reports/shift)")
+    from analyses.embedding_shift import add_arguments
+
+    add_arguments(shift)
+    shift.set_defaults(func=_shift)
     listing = sub.add_parser("models", help="list the models that load without a hub")
     listing.set_defaults(func=_models)
     return parser

@@ -10,7 +10,7 @@ each by
   ours         interp.patching.activation_patch (resumed, packed rows)
   naive        one forward per cell on our model with a hook (torch.no_grad)
   tl 4.3       transformer_lens.patching.get_act_patch_* on a TransformerBridge of the same checkpoint
-  attribution  interp.patching.attribution_patch (2 forwards + 1 backward)
+  attribution  interp.patching.attribution_patch (2 runs forwarded, 1 backward; median of 5 calls)
 and prints wall time, forwards and the max |difference| to our values. `--naive-heads N`
 times the naive head sweep on its first N layers and extrapolates (it is printed as such).
 """
@@ -56,6 +56,20 @@ def naive_sweep(model, clean, corrupted, kind, layers, heads, n_pos, correct, wr
     return (out if heads else out[:, 0]), forwards
 
 
+REPEATS = 5
+
+
+def median_time(fn):
+    """Median wall time of REPEATS calls (after one warm-up) and the last call's value."""
+    fn()
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        value = fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[REPEATS // 2], value
+
+
 def tl_bridge():
     from transformers import AutoModelForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
@@ -91,7 +105,7 @@ def main() -> None:
     def row(sweep, method, seconds, forwards, values, ref, note=""):
         diff = "" if ref is None else f"{float((values - ref).abs().max()):.2e}"
         rows.append((sweep, method, seconds, forwards, diff, note))
-        print(f"  {sweep:<22} {method:<12} {seconds:8.1f} s  {forwards:6d} forwards  max|diff| {diff:>9} {note}",
+        print(f"  {sweep:<22} {method:<12} {seconds:8.2f} s  {forwards:6d} forwards  max|diff| {diff:>9} {note}",
               flush=True)
 
     sweeps = {"head out x pos": ("z", "head_pos", H), "resid_pre x (layer,pos)": ("resid_pre", "layer_pos", 0)}
@@ -115,18 +129,18 @@ def main() -> None:
                 f"(extrapolated from {len(layers)} layers)"
         row(sweep, "naive", seconds, forwards, values, ref, note)
 
-        start = time.perf_counter()
-        approx = attribution_patch(model, clean, corrupted, kind=kind, by=by, metric=metric)
-        seconds = time.perf_counter() - start
+        seconds, approx = median_time(lambda: attribution_patch(model, clean, corrupted, kind=kind, by=by,
+                                                                metric=metric))
         agree = compare(res, approx)
         row(sweep, "attribution", seconds, 2, approx.mean, res.mean,
-            f"(1 backward; an estimate: pearson {agree['pearson']:.3f}, top-10 {agree['top_k']:.1f} with exact)")
+            f"(median of {REPEATS}; exact / attribution = {res.seconds / seconds:.0f}x; 1 backward; an estimate: "
+            f"pearson {agree['pearson']:.3f}, top-10 {agree['top_k']:.1f} with exact)")
 
-    start = time.perf_counter()
-    attribution_sweeps(model, clean, corrupted, sweeps=[v[:2] for v in sweeps.values()], metric=metric)
-    seconds = time.perf_counter() - start
-    print(f"  attribution for both sweeps from one pass: {seconds:.2f} s "
-          f"(exact both: {sum(r.seconds for r in ours.values()):.1f} s)", flush=True)
+    seconds, _ = median_time(lambda: attribution_sweeps(model, clean, corrupted,
+                                                        sweeps=[v[:2] for v in sweeps.values()], metric=metric))
+    exact = sum(r.seconds for r in ours.values())
+    print(f"  attribution for both sweeps from one pass: {seconds:.2f} s (median of {REPEATS}); "
+          f"exact both: {exact:.1f} s = {exact / seconds:.0f}x", flush=True)
 
     if not args.no_tl:
         import transformer_lens.patching as tlp
@@ -160,7 +174,7 @@ def main() -> None:
     base = {s: t for s, m, t, *_ in rows if m == "ours"}
     for sweep, method, seconds, forwards, diff, note in rows:
         ratio = seconds / base[sweep]
-        print(f"| {sweep} | {method} | {seconds:.1f} | {forwards} | {diff or '-'} | {ratio:.2f} | {note} |")
+        print(f"| {sweep} | {method} | {seconds:.2f} | {forwards} | {diff or '-'} | {ratio:.3f} | {note} |")
 
 
 if __name__ == "__main__":

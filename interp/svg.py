@@ -95,3 +95,42 @@ def heatmap_svg(matrix, row_labels: list[str], col_labels: list[str], cell: int 
                              f'fill="{"#fff" if dark else "#222"}">{text}</text>')
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
             f'font-family="system-ui, sans-serif">{"".join(parts)}</svg>')
+
+
+def trajectory_svg(coords, groups: list[str], labels: list[str] | None = None, size: int = 420,
+                   colors: tuple[str, ...] = ("#4c78a8", "#f58518", "#54a24b", "#e45756", "#b279a2", "#9d755d"),
+                   title: str = "") -> str:
+    """Paths through 2-D points: coords [n_paths, n_steps, 2], one colour per group; a dot marks each
+    path's first step and a ring its last. `labels` (one per path) become hover titles."""
+    pts = [[(float(x), float(y)) for x, y in path] for path in (coords.tolist() if hasattr(coords, "tolist") else coords)]
+    xs = [x for p in pts for x, _ in p]
+    ys = [y for p in pts for _, y in p]
+    pad, head = 24, 22 if title else 6
+    lo_x, hi_x = (min(xs), max(xs)) if xs else (0.0, 1.0)
+    lo_y, hi_y = (min(ys), max(ys)) if ys else (0.0, 1.0)
+    span = max(hi_x - lo_x, hi_y - lo_y) or 1.0
+
+    def sx(x):
+        return pad + (x - lo_x) / span * (size - 2 * pad)
+
+    def sy(y):
+        return head + pad + (hi_y - y) / span * (size - 2 * pad)
+
+    order = list(dict.fromkeys(groups))
+    parts = [f'<text x="{pad}" y="16" font-size="12" font-weight="bold">{html.escape(title)}</text>'] if title else []
+    for i, path in enumerate(pts):
+        color = colors[order.index(groups[i]) % len(colors)]
+        name = html.escape(labels[i] if labels else groups[i])
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in path)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-opacity="0.55" stroke-width="1.2" points="{line}">'
+                     f"<title>{name}</title></polyline>")
+        (x0, y0), (x1, y1) = path[0], path[-1]
+        parts.append(f'<circle cx="{sx(x0):.1f}" cy="{sy(y0):.1f}" r="2.5" fill="{color}"/>')
+        parts.append(f'<circle cx="{sx(x1):.1f}" cy="{sy(y1):.1f}" r="4" fill="none" stroke="{color}" stroke-width="1.5">'
+                     f"<title>{name}</title></circle>")
+    for j, g in enumerate(order):
+        parts.append(f'<text x="{size - 6}" y="{head + 14 * (j + 1)}" text-anchor="end" font-size="12" '
+                     f'fill="{colors[j % len(colors)]}">{html.escape(g)}</text>')
+    height = size + head
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{height}" viewBox="0 0 {size} {height}" '
+            f'font-family="system-ui, sans-serif">{"".join(parts)}</svg>')

@@ -242,6 +242,8 @@ class HookedTransformer(HookedRootModule):
             raise ValueError(f"return_type must be auto, logits, hidden, loss, both or None; got {return_type!r}")
         if self.ln_final is not None:
             resid = self.ln_final(resid)
+        if return_type is None:  # nothing to return: no unembedding (and no error for a model without one)
+            return None
         if return_type == "hidden" or (return_type == "auto" and self.unembed is None):
             return resid
         if self.unembed is None:

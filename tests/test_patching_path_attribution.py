@@ -111,6 +111,30 @@ def test_one_attribution_pass_serves_every_grid(llama_s):
         torch.testing.assert_close(together[(kind, by)].per_prompt, alone.per_prompt, **TOL)  # explicit vs fused attention
 
 
+@pytest.mark.parametrize("corruption", ["prompts", "noise"])
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_attribution_with_the_source_in_the_graph_equals_a_separate_source_forward(llama_s, monkeypatch,
+                                                                                  corruption, direction):
+    # Small batches run the source rows in the graph's forward; large ones run them apart.
+    import interp.patching.attribution as attribution
+    from test_patching import CLEAN
+    from interp.patching import GaussianNoise
+
+    s = llama_s
+    args = dict(corrupted=s.corrupted) if corruption == "prompts" else dict(noise=GaussianNoise("the", seed=4))
+    metric = s.metric()
+    sweeps = [("resid_pre", "layer_pos"), ("z", "head_pos"), ("q", "head_pos"), ("k", "head")]
+    clean = s.clean if corruption == "prompts" else CLEAN
+    merged = attribution_sweeps(s.model, clean, sweeps=sweeps, metric=metric, direction=direction, **args)
+    monkeypatch.setattr(attribution, "MERGE_TOKENS", 0)
+    apart = attribution_sweeps(s.model, clean, sweeps=sweeps, metric=metric, direction=direction, **args)
+    for sweep in sweeps:
+        torch.testing.assert_close(merged[sweep].per_prompt, apart[sweep].per_prompt, **TOL)
+        torch.testing.assert_close(merged[sweep].clean_metric, apart[sweep].clean_metric, **TOL)
+        torch.testing.assert_close(merged[sweep].corrupted_metric, apart[sweep].corrupted_metric, **TOL)
+    assert not torch.equal(merged[sweeps[0]].clean_metric, merged[sweeps[0]].corrupted_metric)
+
+
 def _sharp_attention_model(n_kv_heads, rotary, std):
     """Norm-free attention-only model with weights large enough for peaked (non-uniform) attention."""
     torch.manual_seed(0)

@@ -25,6 +25,8 @@ from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise, ablation_source, as_tokens
 from interp.patching.sites import enumerate_sites, hook_name
 
+MERGE_TOKENS = 256  # base prompts x positions up to which the source run shares the graph's forward
+
 
 def attribution_patch(model, clean, corrupted=None, *, kind: str = "resid_pre", by: str = "layer_pos", metric,
                       direction: str = "denoise", noise: GaussianNoise | None = None, ablation: str | None = None,
@@ -65,33 +67,46 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
     if ablation is not None and metric.normalized:
         raise ValueError("a normalized metric needs a corrupted run to define 0; use the raw metric with ablations")
 
-    # Forward 1 (no graph): the source activations.
-    with torch.no_grad():
-        if source_run is not None:
-            source_logits, source = _logits_at(model, source_run.tokens, source_run.hooks, positions,
-                                               names + qk_names)
-        else:
-            data = None if ablation_data is None else as_tokens(model, ablation_data, "ablation data", prepend_bos)
-            source_logits, source = None, _logits_at(model, data, [], positions, names)[1] if data is not None else {}
-
-    # Forward 2 with a graph, and the one backward: base activations and their gradients.
     acts, grads = {}, {}
+    n = base.tokens.shape[0]
+    # Small batches are weight-bandwidth bound on CPU (SmolLM2: batch 2 at 14 tokens costs what
+    # batch 1 does), so the source rows ride along in the graph's forward: one weight pass fewer.
+    # Larger ones are compute bound, where the source rows' share of the backward costs more.
+    merged = source_run is not None and base.tokens.numel() <= MERGE_TOKENS
+    if not merged:  # Forward 1 (no graph): the source activations.
+        with torch.no_grad():
+            if source_run is not None:
+                source_logits, source = _logits_at(model, source_run.tokens, source_run.hooks, positions,
+                                                   names + qk_names)
+            else:
+                data = None if ablation_data is None else as_tokens(model, ablation_data, "ablation data", prepend_bos)
+                source_logits, source = None, _logits_at(model, data, [], positions, names)[1] if data is not None else {}
+
+    # Forward 2 with a graph (base rows, then source rows if merged), and the one backward.
+    tokens = torch.cat([base.tokens, source_run.tokens]) if merged else base.tokens
+    noise = _stacked_noise([base, source_run] if merged else [base])
 
     def leaf(tensor, hook):  # the graph starts at the embeddings, whatever the parameters' requires_grad
+        if noise is not None:
+            tensor = tensor + noise.to(tensor.device, tensor.dtype)
         return tensor.detach().requires_grad_(True)
 
     def keep(tensor, hook):
         acts[hook.name] = tensor.detach()
         if tensor.requires_grad:
-            tensor.register_hook(lambda g, n=hook.name: grads.__setitem__(n, g.detach()))
+            tensor.register_hook(lambda g, name=hook.name: grads.__setitem__(name, g.detach()[:n]))
         return tensor
 
-    hooks = base.hooks + [("hook_embed", leaf)] + [(n, keep) for n in names + qk_names + pattern_names]
+    hooks = [("hook_embed", leaf)] + [(name, keep) for name in names + qk_names + pattern_names]
     with model.hooks(fwd_hooks=hooks), torch.enable_grad():
-        logits = logits_at(model, base.tokens, positions)
-        prompt_idx = torch.arange(base.tokens.shape[0], device=logits.device)
+        logits = logits_at(model, tokens, positions)
+        if merged:
+            source_logits, logits = logits[n:].detach(), logits[:n]
+            source = {name: a[n:] for name, a in acts.items() if name in names or name in qk_names}
+            acts = {name: a[:n] for name, a in acts.items()}
+        prompt_idx = torch.arange(n, device=logits.device)
         if source_run is None:
-            source = {n: ablation_source(n, acts[n], ablation, source.get(n), seed) for n in names}
+            source = {name: ablation_source(name, acts[name], ablation, source.get(name), seed) for name in names}
             source_logits = logits.detach()
         clean_logits = logits.detach() if base is runs.clean else source_logits
         corrupt_logits = source_logits if base is runs.clean else logits.detach()
@@ -128,6 +143,15 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
             extra={"method": "attribution (AtP*)" if use_fix else "attribution", "backwards": 1,
                    "shared_pass_s": round(seconds, 4)})
     return results
+
+
+def _stacked_noise(run_list) -> torch.Tensor | None:
+    """The runs' embedding noise stacked in batch order (zeros for a run without), or None if none has any."""
+    noises = [run.embed_noise for run in run_list]
+    if all(x is None for x in noises):
+        return None
+    ref = next(x for x in noises if x is not None)
+    return torch.cat([x if x is not None else torch.zeros_like(ref) for x in noises])
 
 
 def _linear_delta(kind, by, base, src, grad) -> torch.Tensor:
