@@ -328,3 +328,27 @@ def test_interp_shift_cli_runs_a_users_word(tmp_path):
                           "--context", "no such word", "--context", "the bank", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 1 and "bank" in bad.stderr and "no such word" in bad.stderr
+
+
+def test_a_tuned_lens_reads_the_same_vectors_and_untrained_equals_the_logit_lens(llama, tmp_path):
+    from interp.shift.tuned_lens import TunedLens
+
+    result = shift_study(llama, "mole", ["A mole dug", "The mole of gas", "One mole of salt", "A furry mole"],
+                         ["animal", "chem", "chem", "animal"], tuned_lens=TunedLens(llama), probe_folds=2)
+    assert result.tuned is not None
+    assert torch.equal(result.tuned.top_ids, result.lens.top_ids)
+    torch.testing.assert_close(result.tuned.top_probs, result.lens.top_probs)
+    assert "tuned lens top-3" in result.save(tmp_path).read_text()
+
+
+def test_contexts_file_lines_with_or_without_senses(tmp_path):
+    from analyses.embedding_shift import read_contexts
+
+    f = tmp_path / "c.txt"
+    f.write_text("animal\tA mole dug\n\nchem\tOne mole of gas\n")
+    assert read_contexts(str(f)) == (["A mole dug", "One mole of gas"], ["animal", "chem"])
+    f.write_text("A mole dug\nOne mole of gas\n")
+    assert read_contexts(str(f)) == (["A mole dug", "One mole of gas"], None)
+    f.write_text("animal\tA mole dug\nOne mole of gas\n")
+    with pytest.raises(ValueError, match="every line"):
+        read_contexts(str(f))

@@ -110,9 +110,23 @@ def write_sections(page, result, level: int = 2) -> None:
                        "p(top1)": float(result.lens.top_probs[i, s, 0])}
                 for j, tok in enumerate(result.lens.tracked):
                     row[f"rank {tok!r}"] = int(result.lens.tracked_ranks[i, s, j])
+                if result.tuned is not None:
+                    row["tuned lens top-3"] = " | ".join(repr(x) for x in result.tuned.top_tokens[i][s][:3])
+                    for j, tok in enumerate(result.tuned.tracked):
+                        row[f"tuned rank {tok!r}"] = int(result.tuned.tracked_ranks[i, s, j])
                 rows.append(row)
-        page.table(rows, caption="What the word's vector predicts next, read through the final norm and unembedding, "
-                                 "for the first context of each sense.")
+        page.table(rows, caption="What the word's vector predicts next, read through the final norm and unembedding "
+                                 "(the logit lens" + (", and through the tuned lens's translator first" if
+                                                      result.tuned is not None else "") +
+                                 "), for the first context of each sense.")
+        if result.lens.tracked:
+            series = {}
+            for sense in first:
+                idx = [i for i, lab in enumerate(labels) if lab == sense]
+                for j, tok in enumerate(result.lens.tracked[:1]):
+                    series[f"{sense}: log p({tok!r})"] = result.lens.tracked_logprobs[idx, :, j].mean(0).tolist()
+            page.figure(line_chart_svg(series, x_label="layer", y_label="log-prob"),
+                        f"Logit lens: mean log-probability of {result.lens.tracked[0]!r} at the word, per sense.")
     if result.nearest is not None:
         page.heading("Nearest token embeddings", level)
         first = list(dict.fromkeys(labels))

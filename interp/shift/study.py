@@ -34,6 +34,7 @@ class ShiftResult:
     trajectory: torch.Tensor | None = None  # [n, L + 1, 2]
     trajectory_share: torch.Tensor | None = None  # [2]: variance share of the two axes
     lens: LensReadout | None = None  # decoders: the logit lens at the word, per context and layer
+    tuned: LensReadout | None = None  # decoders, with a TunedLens given: its readout of the same vectors
     nearest: NearestTokens | None = None  # encoders: nearest token embeddings, per context and layer
     attributions: list[ShiftAttribution] = field(default_factory=list)
     seconds: float = 0.0
@@ -87,6 +88,8 @@ class ShiftResult:
             out["trajectory_share"] = self.trajectory_share.tolist()
         if self.lens is not None:
             out["lens"] = self.lens.to_dict()
+        if self.tuned is not None:
+            out["tuned_lens"] = self.tuned.to_dict()
         if self.nearest is not None:
             out["nearest"] = self.nearest.to_dict()
         out["attributions"] = [a.to_dict() for a in self.attributions]
@@ -110,7 +113,7 @@ class ShiftResult:
 
 def shift_study(model, word: str, contexts: list[str], labels: list[str] | None = None, *,
                 contrast: tuple | None = None, attribution_layers="best+final", pool: str = "last",
-                read: str = "word", track: list[str] | None = None, lens=None, probe_folds: int = 4,
+                read: str = "word", track: list[str] | None = None, tuned_lens=None, probe_folds: int = 4,
                 n_heads_shown: int = 4, seed: int = 0) -> ShiftResult:
     """Measure how `word`'s vector moves across `contexts` (one sense label per context, optional).
 
@@ -119,7 +122,7 @@ def shift_study(model, word: str, contexts: list[str], labels: list[str] | None 
     attribution_layers: "best+final" (the best-separating layer and the last), "final", or a
       list of layer indices (blocks applied, 0..n_layers).
     track: tokens whose logit-lens probability is followed through the layers (decoders).
-    lens: None for the logit lens, or a TunedLens.
+    tuned_lens: a `TunedLens` for this model (decoders): read the vectors through it as well.
     """
     start = time.perf_counter()
     trace = trace_word(model, word, contexts, labels, pool=pool, read=read)
@@ -134,8 +137,10 @@ def shift_study(model, word: str, contexts: list[str], labels: list[str] | None 
         result.trajectory, result.trajectory_share = sense_stats.trajectories(trace)
     decoder = getattr(model, "unembed", None) is not None and getattr(model.cfg, "causal", True)
     if decoder:
-        result.lens = read_lens(model, trace.vectors, k=5, track=track, lens=lens,
-                                targets=[f"{i}: {c}" for i, c in enumerate(contexts)])
+        targets = [f"{i}: {c}" for i, c in enumerate(contexts)]
+        result.lens = read_lens(model, trace.vectors, k=5, track=track, targets=targets)
+        if tuned_lens is not None:
+            result.tuned = read_lens(model, trace.vectors, k=5, track=track, lens=tuned_lens, targets=targets)
     else:
         result.nearest = nearest_tokens(model, trace.vectors, k=5)
     if len(contexts) >= 2:

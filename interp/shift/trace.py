@@ -135,5 +135,6 @@ def trace_word(model, word: str, contexts: list[str], labels: list[str] | None =
         split = sorted({"|".join(prompts[i].str_tokens[q] for q in ps) for i, ps in enumerate(word_pos) if len(ps) > 1})
         notes.append(f"{word!r} is split into sub-tokens ({', '.join(split)}); pooled by {pool!r}")
     return WordTrace(word, contexts, list(labels) if labels is not None else None,
-                     [p.str_tokens for p in prompts], [p.tokens for p in prompts], word_pos, read_pos, vectors, streams, masks, pool, read,
+                     [p.str_tokens for p in prompts], [p.tokens for p in prompts], word_pos, read_pos, vectors,
+                     streams, masks, pool, read,
                      getattr(model.cfg, "model_name", ""), causal, notes)
