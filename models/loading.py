@@ -47,6 +47,8 @@ def load(
         label = name or getattr(hf_config, "_name_or_path", None) or type(source).__name__
         cfg, weights = convert_hf(hf_config, source.state_dict(), label)
         model = _build(cfg, weights, tokenizer, f"a {type(source).__name__} object")
+    elif str(source).endswith(".pt") and Path(str(source)).expanduser().is_file():
+        model = _load_nanogpt(Path(str(source)).expanduser(), tokenizer, name)
     else:
         directory, label = _locate(str(source))
         model = load_directory(directory, tokenizer, name=name or label)
@@ -57,6 +59,19 @@ def load(
         model.process_weights(fold_ln=fold_ln, center_writing_weights=center_writing_weights,
                               center_unembed=center_unembed, fold_value_biases=fold_value_biases)
     return model
+
+
+def _load_nanogpt(path: Path, tokenizer, name: str | None) -> HookedTransformer:
+    """A nanoGPT `ckpt.pt` (model_args + state dict); its tokenizer (GPT-2 BPE, or a char map) is yours to pass."""
+    from models.convert import nanogpt
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not nanogpt.is_nanogpt(checkpoint):
+        raise UnknownModelError(f"{path} is not a nanoGPT checkpoint (a dict with 'model_args' and 'model'); "
+                                "for other .pt files build your model and use interp.attach(model)")
+    label = name or path.parent.name or path.stem
+    cfg, weights = nanogpt.convert(checkpoint, label)
+    return _build(cfg, weights, tokenizer, f"nanoGPT checkpoint {path}")
 
 
 def _locate(source: str) -> tuple[Path, str]:

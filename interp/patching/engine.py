@@ -95,7 +95,20 @@ def logits_at(model, inputs, positions: list[int], **kwargs) -> torch.Tensor:
     final norm and unembedding only there (on SmolLM2, 14 positions of it cost as much as ~7 layers)."""
     if getattr(model, "supports_resume", False):
         return model(inputs, logit_positions=torch.tensor(positions, device=inputs.device), **kwargs)
-    return model(inputs, **kwargs)[:, positions]
+    return as_logits(model(inputs, **kwargs))[:, positions]
+
+
+def as_logits(out) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, a `.logits` field (transformers), or the first element."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find logits in a {type(out).__name__}: the model should return a tensor, a tuple "
+                    "starting with one, or an object with .logits")
 
 
 class PatchingRuns:
@@ -236,7 +249,7 @@ def _run_rows(model, rows, sites, layer, base, base_cache, kv, source_cache, kin
     batch = RowBatch(prompt, offset, n_pos - offset, chunk_sites, n_pos)
     hooks = base.hooks_for(prompt) + [(n, _patcher(batch, source_cache, kind)) for n in {s.hook_name for s in chunk_sites}]
     with model.hooks(fwd_hooks=hooks):
-        logits = model(base.tokens[prompt])
+        logits = as_logits(model(base.tokens[prompt]))
     return logits[:, positions]
 
 

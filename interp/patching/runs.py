@@ -26,6 +26,8 @@ def as_tokens(model, prompts, what: str = "prompts", prepend_bos: bool | None = 
         return (t[None] if t.dim() == 1 else t).to(model.device)
     if isinstance(prompts, str):
         prompts = [prompts]
+    if not hasattr(model, "tokenize"):
+        raise TypeError(f"{type(model).__name__} has no tokenizer of its own: give {what} as token ids [n, pos]")
     rows = [model.tokenize(p, prepend_bos=prepend_bos).tokens[0] for p in prompts]
     lengths = {len(r) for r in rows}
     if len(lengths) > 1:

@@ -53,7 +53,7 @@ class Site:
 
     @property
     def hook_name(self) -> str:
-        return KINDS[self.kind][0].format(layer=self.layer)
+        return hook_name(self.kind, self.layer)
 
     @property
     def first_affected(self) -> int:
@@ -61,13 +61,23 @@ class Site:
         return 0 if self.pos is None else self.pos
 
 
+def is_template(kind: str) -> bool:
+    """A hook-name template such as "model.layers.{layer}": a module-output site of an attached model."""
+    return "{layer}" in kind
+
+
 def hook_name(kind: str, layer: int) -> str:
+    if is_template(kind):
+        return kind.format(layer=layer)
     if kind not in KINDS:
-        raise ValueError(f"unknown site kind {kind!r}; choose from {', '.join(KINDS)}")
+        raise ValueError(f"unknown site kind {kind!r}; choose from {', '.join(KINDS)}, or a hook-name template "
+                         "with {layer} (e.g. 'model.layers.{layer}' on an attached model)")
     return KINDS[kind][0].format(layer=layer)
 
 
 def n_heads_for(model, kind: str) -> int:
+    if is_template(kind):
+        return 0
     what = KINDS[kind][1]
     if what is None:
         return 0
@@ -76,11 +86,10 @@ def n_heads_for(model, kind: str) -> int:
 
 def enumerate_sites(model, kind: str, by: str, n_pos: int, layers=None) -> tuple[list[Site], tuple[int, ...], tuple[str, ...]]:
     """Every site of a sweep, in grid order, with the grid's shape and axis names."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown site kind {kind!r}; choose from {', '.join(KINDS)}")
+    hook_name(kind, 0)  # validates the kind
     if by not in GRIDS:
         raise ValueError(f"unknown sweep {by!r}; choose from {', '.join(GRIDS)}")
-    per_head = KINDS[kind][1] is not None
+    per_head = not is_template(kind) and KINDS[kind][1] is not None
     if per_head != by.startswith(("head", "dest")):
         raise ValueError(f"{kind!r} is {'a per-head' if per_head else 'a whole-stream'} activation; "
                          f"sweep it by {'head_pos or head' if per_head else 'layer_pos or layer'}, not {by!r}")
