@@ -233,6 +233,28 @@ class Attached(HookedRootModule):
         cache, fwd, bwd = super().get_caching_hooks(*args, **kwargs)
         return cache, [(n, lambda t, hook, f=f: f(t.clone(), hook)) for n, f in fwd], bwd
 
+    def attention_patterns(self, *args, **kwargs) -> list[torch.Tensor]:
+        """Every layer's attention pattern `[batch, head, query, key]`, where the model exposes them.
+
+        Attention weights are not a module output in most implementations (they are computed
+        inside the attention module's forward), so they come from the model's own switch:
+        `output_attentions=True` on `transformers` models. Feed them to `interp.views`.
+        """
+        try:
+            with torch.no_grad():
+                out = self(*args, output_attentions=True, **kwargs)
+        except TypeError as e:
+            if "output_attentions" not in str(e):
+                raise
+            raise ValueError(f"{type(self.module).__name__} does not expose attention patterns (its forward takes no "
+                             "output_attentions); hook the module that computes them, e.g. return the weights from "
+                             "your attention module and hook `path[1]`") from None
+        att = getattr(out, "attentions", None)
+        if not att or any(a is None for a in att):
+            raise ValueError(f"{type(self.module).__name__} returned no attention weights: load it with "
+                             "attn_implementation='eager' (fused attention kernels never form the pattern)")
+        return list(att)
+
     def detach(self) -> nn.Module:
         """Remove every hook this wrapper added; returns the untouched module."""
         for point in self.hook_dict.values():

@@ -282,3 +282,34 @@ def test_activation_patching_on_a_users_own_model_equals_a_hand_loop(tiny):
                 h.remove()
                 want = float(logits[0, -1, 3] - logits[0, -1, 4])
                 assert float(got.per_prompt[0, layer, pos]) == pytest.approx(want, abs=1e-5)
+
+
+def test_attention_patterns_where_the_model_exposes_them(llama, llama_dir, tiny):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.randint(0, 1000, (2, 7), generator=torch.Generator().manual_seed(0))
+    patterns = attach(hf).attention_patterns(input_ids=ids)
+    _, cache = llama.run_with_cache(ids)
+    for layer, pattern in enumerate(patterns):
+        torch.testing.assert_close(pattern, cache["pattern", layer], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="does not expose attention patterns"):
+        attach(tiny).attention_patterns(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_t5_encoder_blocks_cache_and_hooks_in_any_order():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
+    t5 = T5ForConditionalGeneration(cfg).eval()
+    hooked = attach(t5)
+    assert not hooked.cfg.causal  # an encoder-decoder's encoder sees both sides
+    ids, dec = torch.randint(0, 100, (2, 6)), torch.zeros(2, 3, dtype=torch.long)
+    names = ["encoder.final_layer_norm", "encoder.block.0", "decoder.block.1[0]"]  # any order, any depth
+    with torch.no_grad():
+        out, cache = hooked.run_with_cache(input_ids=ids, decoder_input_ids=dec, names_filter=names,
+                                           output_hidden_states=True)
+    assert torch.equal(cache["encoder.block.0"], out.encoder_hidden_states[1])
+    assert torch.equal(cache["encoder.final_layer_norm"], out.encoder_hidden_states[2])  # the last entry is normed
+    assert cache["decoder.block.1[0]"].shape == (2, 3, 32)
