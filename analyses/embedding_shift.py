@@ -62,10 +62,11 @@ def run_builtin(model, study: str, **options) -> "ShiftResult":
 
 
 def summary_row(model_name: str, study: str, r: "ShiftResult") -> dict:
+    row = {"model": model_name, "study": study, "contexts": len(r.trace.contexts)}
     acc = r.centroid_accuracy
-    row = {"model": model_name, "study": study, "contexts": len(r.trace.contexts),
-           "centroid acc, layer 0": float(acc[0]), "best layer": r.layer_labels[r.best_layer()],
-           "centroid acc, best": float(acc.max()), "centroid acc, last": float(acc[-1])}
+    if acc is not None:  # sense labels were given
+        row.update({"centroid acc, layer 0": float(acc[0]), "best layer": r.layer_labels[r.best_layer()],
+                    "centroid acc, best": float(acc.max()), "centroid acc, last": float(acc[-1])})
     if r.probe is not None:
         row["probe, best"] = float(r.probe.accuracy.max())
         row["shuffled, best"] = float(r.probe.control.max())

@@ -352,3 +352,15 @@ def test_contexts_file_lines_with_or_without_senses(tmp_path):
     f.write_text("animal\tA mole dug\nOne mole of gas\n")
     with pytest.raises(ValueError, match="every line"):
         read_contexts(str(f))
+
+
+def test_contexts_without_senses_still_give_geometry_attribution_and_a_report(llama, tmp_path):
+    from analyses.embedding_shift import write_report
+
+    contexts = ["A mole dug here", "One mole of gas", "The mole on her arm"]
+    r = shift_study(llama, "mole", contexts)
+    assert r.centroid_accuracy is None and r.probe is None
+    assert r.attributions and (r.attributions[0].a, r.attributions[0].b) == ("context 0", "context 1")
+    assert float(r.attributions[0].contribution.sum()) == pytest.approx(r.attributions[0].distance, rel=1e-4)
+    page = write_report({("llama", "mole"): r}, tmp_path)
+    assert "Summary" in page.read_text()
