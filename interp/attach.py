@@ -228,6 +228,14 @@ class Attached(HookedRootModule):
         self.hook_dict[name] = AttachedHookPoint(base._target, name, base.kind, elem,
                                                  int(m.group("call")) if m.group("call") else None)
 
+    def run_with_cache(self, *args, incl_bwd: bool = False, **kwargs):
+        """As `HookedRootModule.run_with_cache`; without `incl_bwd` the forward runs under `no_grad`, so a
+        model with trainable weights builds no autograd graph for a cache nobody differentiates."""
+        if incl_bwd:
+            return super().run_with_cache(*args, incl_bwd=True, **kwargs)
+        with torch.no_grad():
+            return super().run_with_cache(*args, **kwargs)
+
     def get_caching_hooks(self, *args, **kwargs):
         # Copies, not views: the user's forward may edit an activation in place after we read it.
         cache, fwd, bwd = super().get_caching_hooks(*args, **kwargs)

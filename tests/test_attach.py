@@ -313,3 +313,15 @@ def test_t5_encoder_blocks_cache_and_hooks_in_any_order():
     assert torch.equal(cache["encoder.block.0"], out.encoder_hidden_states[1])
     assert torch.equal(cache["encoder.final_layer_norm"], out.encoder_hidden_states[2])  # the last entry is normed
     assert cache["decoder.block.1[0]"].shape == (2, 3, 32)
+
+
+def test_caching_builds_no_graph_unless_gradients_are_asked_for(tiny):
+    idx = torch.randint(0, 50, (2, 5))
+    hooked = attach(tiny)
+    assert all(p.requires_grad for p in tiny.parameters())  # the user's model trains
+    out, cache = hooked.run_with_cache(idx, names_filter=["blocks.0"])
+    assert out.grad_fn is None and not cache["blocks.0"].requires_grad
+    out, cache = hooked.run_with_cache(idx, names_filter=["blocks.0"], incl_bwd=True,
+                                       backward_metric=lambda logits: logits[:, -1, 0].sum())
+    assert cache["blocks.0_grad"].shape == cache["blocks.0"].shape and cache["blocks.0_grad"].abs().sum() > 0
+    tiny.zero_grad(set_to_none=True)  # the user's parameters got .grad from the backward they asked for
