@@ -186,10 +186,11 @@ class Attached(HookedRootModule):
     """`module` with a hook point on every submodule's output (see the module docstring)."""
 
     def __init__(self, module: nn.Module, inputs: bool = False, n_layers: int | None = None,
-                 causal: bool | None = None) -> None:
+                 causal: bool | None = None, tokenizer=None) -> None:
         super().__init__()
         object.__setattr__(self, "module", module)  # held, not registered: our state_dict stays empty
         self.cfg = _infer_config(module, n_layers, causal)
+        self.tokenizer = tokenizer
         self.hook_dict = {}
         for path, sub in module.named_modules():
             if not path:
@@ -200,6 +201,48 @@ class Attached(HookedRootModule):
                 if name in dict(module.named_modules()):
                     raise ValueError(f"{name} names a submodule; cannot also name the input hook point")
                 self.hook_dict[name] = AttachedHookPoint(sub, name, kind="input")
+
+    # ------------------------------------------------------------------ text, with a tokenizer given
+    def _tokenizer(self):
+        from interp.tokens import NoTokenizerError
+
+        if self.tokenizer is None:
+            raise NoTokenizerError(f"this attached {type(self.module).__name__} has no tokenizer, so it cannot take "
+                                   "strings: pass token ids, or attach(model, tokenizer=AutoTokenizer"
+                                   ".from_pretrained(...))")
+        return self.tokenizer
+
+    def tokenize(self, text, prepend_bos: bool | None = None, padding_side: str | None = None,
+                 truncate: bool = False):
+        from interp.tokens import tokenize
+
+        hf = getattr(self.module, "config", None)
+        n_ctx = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None) or 10 ** 9
+        return tokenize(self._tokenizer(), text, n_ctx=n_ctx,
+                        model_name=self.cfg.model_name, prepend_bos=prepend_bos, padding_side=padding_side,
+                        truncate=truncate)
+
+    def to_tokens(self, text, prepend_bos: bool | None = None, padding_side: str | None = None,
+                  truncate: bool = False) -> torch.Tensor:
+        return self.tokenize(text, prepend_bos, padding_side, truncate).tokens.to(self.device)
+
+    def to_str_tokens(self, input, prepend_bos: bool | None = None):
+        from interp.tokens import decode_each
+
+        tokenizer = self._tokenizer()
+        if isinstance(input, str):
+            input = self.tokenize(input, prepend_bos).tokens[0]
+        ids = torch.as_tensor(input)
+        if ids.dim() == 2:
+            return [decode_each(tokenizer, row.tolist()) for row in ids]
+        return decode_each(tokenizer, ids.reshape(-1).tolist())
+
+    def to_single_token(self, text: str) -> int:
+        ids = self.tokenize(text, prepend_bos=False).tokens[0]
+        if ids.numel() != 1:
+            pieces = self.to_str_tokens(text, prepend_bos=False)
+            raise ValueError(f"{text!r} is {ids.numel()} tokens, not one: {pieces}")
+        return int(ids[0])
 
     @property
     def device(self) -> torch.device:
@@ -271,13 +314,15 @@ class Attached(HookedRootModule):
 
 
 def attach(module: nn.Module, inputs: bool = False, n_layers: int | None = None,
-           causal: bool | None = None) -> Attached:
+           causal: bool | None = None, tokenizer=None) -> Attached:
     """Make any module hookable by module path (see the module docstring).
 
     `n_layers` and `causal` describe the model to the patching engine (`hooked.cfg`); both
-    are inferred when not given. Patch module outputs with a hook-name template:
+    are inferred when not given. With a (`transformers`) `tokenizer` the wrapper takes text
+    like the toolkit's own models (`to_tokens`, `to_str_tokens`, word selectors, probes).
+    Patch module outputs with a hook-name template:
     `activation_patch(hooked, clean_ids, corrupted_ids, kind="model.layers.{layer}", ...)`.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"attach needs a torch.nn.Module, got {type(module).__name__}")
-    return Attached(module, inputs=inputs, n_layers=n_layers, causal=causal)
+    return Attached(module, inputs=inputs, n_layers=n_layers, causal=causal, tokenizer=tokenizer)

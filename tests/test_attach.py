@@ -226,7 +226,9 @@ def test_patching_through_attach_equals_the_converted_model(llama, llama_dir, by
     lo = via_attach.corrupted_metric.view(-1, *([1] * (via_attach.per_prompt.dim() - 1)))
     assert (via_attach.per_prompt - lo).abs().max() > 0.1  # the patches do something
     assert _torch_hooks_left(hf) == 0
-    with pytest.raises(TypeError, match="token ids"):
+    from interp.tokens import NoTokenizerError
+
+    with pytest.raises(NoTokenizerError, match="token ids"):
         activation_patch(hooked, ["some text"], ["more text"], kind="model.layers.{layer}", metric=metric)
 
 
@@ -325,3 +327,18 @@ def test_caching_builds_no_graph_unless_gradients_are_asked_for(tiny):
                                        backward_metric=lambda logits: logits[:, -1, 0].sum())
     assert cache["blocks.0_grad"].shape == cache["blocks.0"].shape and cache["blocks.0_grad"].abs().sum() > 0
     tiny.zero_grad(set_to_none=True)  # the user's parameters got .grad from the backward they asked for
+
+
+def test_probing_features_from_an_attached_model_equal_the_converted_ones(llama, llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from interp.positions import word
+    from interp.probing.linear import collect_features
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32).eval()
+    hooked = attach(hf, tokenizer=AutoTokenizer.from_pretrained(llama_dir))
+    examples = ["The mole dug a tunnel", "One mole of gas", "A mole on her arm was removed"]
+    assert hooked.to_str_tokens(examples[0]) == llama.to_str_tokens(examples[0])
+    ours = collect_features(hooked, examples, hook="model.layers.{layer}", position=word("mole"))
+    converted = collect_features(llama, examples, hook="resid_post", position=word("mole"))
+    torch.testing.assert_close(ours, converted, atol=1e-4, rtol=1e-5)

@@ -28,9 +28,10 @@ _EMBED_HOOKS = ("hook_embed", "hook_pos_embed", "hook_token_type_embed")
 
 
 def _hook_names(model, hook: str, layers) -> tuple[list[str], list]:
-    """(full hook names, their labels): one per layer for a short key, one for a full name."""
+    """(full hook names, their labels): one per layer for a short key or a template with {layer}
+    (e.g. "model.layers.{layer}" on an attached model), one for a full name."""
     try:
-        single = act_name(hook)  # full names, "embed", ln_final's "normalized"/"scale"
+        single = None if "{layer}" in hook else act_name(hook)  # full names, "embed", ln_final's norms
     except HookNameError:
         single = None
     if single is not None:
@@ -44,7 +45,7 @@ def _hook_names(model, hook: str, layers) -> tuple[list[str], list]:
         if bad:
             raise ValueError(f"layers {bad} are outside the model's {n} layers")
         labels = [l % n for l in labels]  # -1 means the last layer, as in Python
-        names = [act_name(hook, l) for l in labels]
+        names = [hook.format(layer=l) if "{layer}" in hook else act_name(hook, l) for l in labels]
     model.resolve_hook_names(names)  # an unknown name fails here, with the closest names
     for name in names:
         if name.endswith(("hook_pattern", "hook_attn_scores")):
@@ -98,6 +99,8 @@ def collect_features(model, examples: Sequence, hook: str = "resid_post", layers
         by_length.setdefault(len(p), []).append(i)
     stop = _stop_layer(names)
     run_kwargs = {"stop_at_layer": stop} if stop is not None else {"return_type": "hidden"}
+    if not getattr(model, "supports_resume", False):
+        run_kwargs = {}  # a model we did not build (interp.attach) takes its own forward's arguments only
     out: torch.Tensor | None = None  # [n_layers, n_examples, d], allocated once d is known
     for idx in by_length.values():
         for start in range(0, len(idx), batch_size):
