@@ -306,6 +306,15 @@ class Attached(HookedRootModule):
                              "attn_implementation='eager' (fused attention kernels never form the pattern)")
         return list(att)
 
+    def attention_view(self, text: str, layer: int, **kwargs):
+        """A circuitsvis grid of one layer's heads on `text` (needs a tokenizer and exposed patterns)."""
+        from interp.views import attention_heads
+
+        ids = self.to_tokens(text)
+        pattern = self.attention_patterns(input_ids=ids, **kwargs)[layer][0]  # [head, query, key]
+        return attention_heads(pattern, self.to_str_tokens(ids[0]), [f"L{layer}H{h}" for h in range(pattern.shape[0])],
+                               causal=self.cfg.causal, title=f"{self.cfg.model_name}, layer {layer}")
+
     def detach(self) -> nn.Module:
         """Remove every hook this wrapper added; returns the untouched module."""
         for point in self.hook_dict.values():

@@ -297,6 +297,17 @@ def test_attention_patterns_where_the_model_exposes_them(llama, llama_dir, tiny)
         torch.testing.assert_close(pattern, cache["pattern", layer], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="does not expose attention patterns"):
         attach(tiny).attention_patterns(torch.zeros(1, 4, dtype=torch.long))
+    from transformers import AutoTokenizer
+
+    view = attach(hf, tokenizer=AutoTokenizer.from_pretrained(llama_dir)).attention_view("The mole dug", layer=1)
+    assert view.component == "AttentionHeads" and len(view.props["attention"]) == hf.config.num_attention_heads
+    sdpa = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    try:  # transformers may fall back to eager attention itself when asked for weights
+        fused = attach(sdpa).attention_patterns(input_ids=ids)
+    except ValueError as e:
+        assert "attn_implementation='eager'" in str(e)
+    else:
+        torch.testing.assert_close(fused[0], patterns[0], atol=1e-5, rtol=1e-5)
 
 
 def test_t5_encoder_blocks_cache_and_hooks_in_any_order():
