@@ -168,6 +168,10 @@ class AttachedConfig:
     causal: bool = True
     d_model: int | None = None
     attn_only: bool = False
+    d_vocab: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
 
 
 def _infer_config(module: nn.Module, n_layers: int | None, causal: bool | None) -> AttachedConfig:
@@ -179,7 +183,10 @@ def _infer_config(module: nn.Module, n_layers: int | None, causal: bool | None) 
         name = type(module).__name__
         causal = bool(getattr(hf, "is_decoder", False)) or "CausalLM" in name or not (
             hf is not None and getattr(hf, "model_type", "") in ("bert", "roberta", "distilbert", "electra", "t5"))
-    return AttachedConfig(type(module).__name__, n_layers, causal, getattr(hf, "hidden_size", None))
+    ids = {k: getattr(hf, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {k: v if isinstance(v, int) else None for k, v in ids.items()}  # some configs hold lists
+    return AttachedConfig(type(module).__name__, n_layers, causal, getattr(hf, "hidden_size", None),
+                          d_vocab=getattr(hf, "vocab_size", None), **ids)
 
 
 class Attached(HookedRootModule):

@@ -353,3 +353,17 @@ def test_probing_features_from_an_attached_model_equal_the_converted_ones(llama,
     ours = collect_features(hooked, examples, hook="model.layers.{layer}", position=word("mole"))
     converted = collect_features(llama, examples, hook="resid_post", position=word("mole"))
     torch.testing.assert_close(ours, converted, atol=1e-4, rtol=1e-5)
+
+
+def test_head_detectors_on_an_attached_model_equal_the_converted_model(llama, llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from interp.probing.detectors import detect_heads, repeated_random_tokens
+
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    hooked = attach(hf)
+    tokens = repeated_random_tokens(llama, seq_len=6, n_repeats=2, batch=3)
+    ours, converted = detect_heads(hooked, tokens=tokens), detect_heads(llama, tokens=tokens)
+    assert set(ours) == set(converted)
+    for name in ours:
+        torch.testing.assert_close(ours[name].per_prompt, converted[name].per_prompt, atol=1e-5, rtol=1e-5)

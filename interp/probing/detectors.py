@@ -189,6 +189,8 @@ class HeadScores:
 
 def layer_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
     """[batch, n_layers, n_heads, query, key] for equal-length token rows, caching only the patterns."""
+    if hasattr(model, "attention_patterns"):  # a model we did not build (interp.attach): its own weights
+        return torch.stack(model.attention_patterns(tokens), dim=1)
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
     return torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)], dim=1)
 
