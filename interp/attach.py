@@ -198,6 +198,7 @@ class Attached(HookedRootModule):
         object.__setattr__(self, "module", module)  # held, not registered: our state_dict stays empty
         self.cfg = _infer_config(module, n_layers, causal)
         self.tokenizer = tokenizer
+        self._call_points: list[AttachedHookPoint] = []
         self.hook_dict = {}
         for path, sub in module.named_modules():
             if not path:
@@ -257,16 +258,16 @@ class Attached(HookedRootModule):
         return param.device if param is not None else torch.device("cpu")
 
     def forward(self, *args, **kwargs):
-        for point in self.hook_dict.values():
+        for point in self._call_points:
             point._n = -1  # `path#k` counts the calls of one forward of the wrapper
         return self.module(*args, **kwargs)
 
     def resolve_hook_names(self, spec) -> list[str]:
-        names = spec if isinstance(spec, (list, tuple)) and not callable(spec) else [spec]
-        if isinstance(spec, str) or (isinstance(spec, list) and all(isinstance(s, str) for s in spec)):
-            for name in names:
-                if name not in self.hook_dict:
-                    self._make_point(name)
+        # Element (`path[k]`) and call (`path#k`) points are made the first time they are named.
+        items = [spec] if isinstance(spec, str) else spec if isinstance(spec, (list, tuple)) else []
+        for name in items:
+            if isinstance(name, str) and name not in self.hook_dict:
+                self._make_point(name)
         return super().resolve_hook_names(spec)
 
     def _make_point(self, name: str) -> None:
@@ -275,8 +276,11 @@ class Attached(HookedRootModule):
             raise unknown_name_error(name, self.hook_dict)
         base = self.hook_dict[m.group("base")]
         elem = m.group("elem")
-        self.hook_dict[name] = AttachedHookPoint(base._target, name, base.kind, elem,
-                                                 int(m.group("call")) if m.group("call") else None)
+        point = AttachedHookPoint(base._target, name, base.kind, elem,
+                                  int(m.group("call")) if m.group("call") else None)
+        self.hook_dict[name] = point
+        if point.call is not None:
+            self._call_points.append(point)
 
     def run_with_cache(self, *args, incl_bwd: bool = False, **kwargs):
         """As `HookedRootModule.run_with_cache`; without `incl_bwd` the forward runs under `no_grad`, so a

@@ -69,8 +69,8 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
 
     acts, grads = {}, {}
     n = base.tokens.shape[0]
-    # Small batches are weight-bandwidth bound on CPU (SmolLM2: batch 2 at 14 tokens costs what
-    # batch 1 does), so the source rows ride along in the graph's forward: one weight pass fewer.
+    # Small batches are weight-bandwidth bound on CPU (SmolLM2: batch 2 at 14 tokens costs 1.09x
+    # batch 1), so the source rows ride along in the graph's forward (benchmarks/attribution_merge.py).
     # Larger ones are compute bound, where the source rows' share of the backward costs more.
     merged = source_run is not None and base.tokens.numel() <= MERGE_TOKENS
     if not merged:  # Forward 1 (no graph): the source activations.
