@@ -21,6 +21,7 @@ from interp.probing import (
     ICLResult,
     detect_heads,
     in_context_learning,
+    is_language_model,
     layer_patterns,
     random_tokens,
     repeated_random_tokens,
@@ -105,7 +106,7 @@ def head_census(model, prompts: list | None = None, n_random: int = 16, seed: in
                 icl_seq_len: int = 50) -> HeadCensus:
     """Score every head of `model`; `prompts` default to built-in English sentences (or random tokens)."""
     natural = natural_vocabulary(model)
-    n_ctx = model.cfg.n_ctx
+    n_ctx = getattr(model.cfg, "n_ctx", None) or 512  # an attached model whose config gives no length
     if prompts is None and natural:
         prompts = PROMPTS
     text = dict(prompts=prompts) if prompts is not None else dict(tokens=random_tokens(model, n_random, min(60, n_ctx - 1), seed))
@@ -114,7 +115,7 @@ def head_census(model, prompts: list | None = None, n_random: int = 16, seed: in
     repeated = repeated_random_tokens(model, seq_len, 4, n_random, seed)
     scores.update(detect_heads(model, tokens=repeated, detectors=["duplicate_token", "induction"]))
     icl = None
-    if model.cfg.causal and model.unembed is not None:
+    if is_language_model(model):
         icl = in_context_learning(model, seq_len=min(icl_seq_len, (n_ctx - 1) // 2), n_repeats=2, batch=n_random, seed=seed)
     if prompts is not None:
         example = TokenizedPrompt.from_model(model, prompts[0]).tokens[None].to(model.device)

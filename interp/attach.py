@@ -11,6 +11,8 @@ that are tuples, lists, dicts, `ModelOutput`s or dataclasses are hooked at their
 tensor; `path[k]` names element k (an index, key or field), e.g. `model.layers.3[0]`. A
 module called several times in one forward fires its hook point on every call, and
 `path#k` names the k-th call alone (counted from 0 in each call of the wrapper).
+The token embedding's output is also named `hook_embed`, as on the toolkit's own models,
+so noise corruption and attribution patching start there.
 
 Hook points are `HookPoint`s held by the wrapper, never added to the user's model; a
 point registers a plain torch forward hook on its module only while it has hooks, and
@@ -172,6 +174,7 @@ class AttachedConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    n_ctx: int | None = None  # longest input, where the config says (max_position_embeddings / n_positions)
 
 
 def _infer_config(module: nn.Module, n_layers: int | None, causal: bool | None) -> AttachedConfig:
@@ -185,8 +188,23 @@ def _infer_config(module: nn.Module, n_layers: int | None, causal: bool | None) 
             hf is not None and getattr(hf, "model_type", "") in ("bert", "roberta", "distilbert", "electra", "t5"))
     ids = {k: getattr(hf, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     ids = {k: v if isinstance(v, int) else None for k, v in ids.items()}  # some configs hold lists
+    n_ctx = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None)
     return AttachedConfig(type(module).__name__, n_layers, causal, getattr(hf, "hidden_size", None),
-                          d_vocab=getattr(hf, "vocab_size", None), **ids)
+                          d_vocab=getattr(hf, "vocab_size", None), n_ctx=n_ctx, **ids)
+
+
+def _token_embedding(module: nn.Module) -> str | None:
+    """Module path of the token embedding: `get_input_embeddings()` where defined, else the first nn.Embedding."""
+    paths = {m: p for p, m in module.named_modules() if p}
+    getter = getattr(module, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            found = getter()
+        except (NotImplementedError, AttributeError):
+            found = None
+        if found in paths:
+            return paths[found]
+    return next((p for m, p in paths.items() if isinstance(m, nn.Embedding)), None)
 
 
 class Attached(HookedRootModule):
@@ -209,6 +227,9 @@ class Attached(HookedRootModule):
                 if name in dict(module.named_modules()):
                     raise ValueError(f"{name} names a submodule; cannot also name the input hook point")
                 self.hook_dict[name] = AttachedHookPoint(sub, name, kind="input")
+        self.embed_path = _token_embedding(module)
+        if self.embed_path is not None:  # the toolkit's name for it, where noise and attribution's graph start
+            self.hook_dict["hook_embed"] = AttachedHookPoint(module.get_submodule(self.embed_path), "hook_embed")
 
     # ------------------------------------------------------------------ text, with a tokenizer given
     def _tokenizer(self):
@@ -224,9 +245,7 @@ class Attached(HookedRootModule):
                  truncate: bool = False):
         from interp.tokens import tokenize
 
-        hf = getattr(self.module, "config", None)
-        n_ctx = getattr(hf, "max_position_embeddings", None) or getattr(hf, "n_positions", None) or 10 ** 9
-        return tokenize(self._tokenizer(), text, n_ctx=n_ctx,
+        return tokenize(self._tokenizer(), text, n_ctx=self.cfg.n_ctx or 10 ** 9,
                         model_name=self.cfg.model_name, prepend_bos=prepend_bos, padding_side=padding_side,
                         truncate=truncate)
 
@@ -251,6 +270,20 @@ class Attached(HookedRootModule):
             pieces = self.to_str_tokens(text, prepend_bos=False)
             raise ValueError(f"{text!r} is {ids.numel()} tokens, not one: {pieces}")
         return int(ids[0])
+
+    @property
+    def is_language_model(self) -> bool:
+        """Whether the output is next-token logits: a causal model with an output embedding (an LM head)."""
+        getter = getattr(self.module, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        return self.cfg.causal and (head is not None or type(self.module).__name__.endswith(("CausalLM", "LMHeadModel")))
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        """The token embedding matrix [d_vocab, d_model] (for noise scaled to it, as on our models)."""
+        if self.embed_path is None:
+            raise ValueError(f"found no token embedding (nn.Embedding) in {type(self.module).__name__}")
+        return self.module.get_submodule(self.embed_path).weight
 
     @property
     def device(self) -> torch.device:

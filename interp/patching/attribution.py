@@ -56,18 +56,22 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
     kinds = sorted({k for k, _ in sweeps})
     names = [hook_name(kind, layer) for kind in kinds for layer in layers]
     fix = qk_fix and any(k in ("q", "k") for k in kinds)
-    rq, rk = ("attn.hook_rot_q", "attn.hook_rot_k") if model.cfg.positional_embedding_type == "rotary" \
-        else ("attn.hook_q", "attn.hook_k")
+    rq, rk = ("attn.hook_rot_q", "attn.hook_rot_k") \
+        if getattr(model.cfg, "positional_embedding_type", None) == "rotary" else ("attn.hook_q", "attn.hook_k")
     qk_names = [f"blocks.{layer}.{n}" for layer in layers for n in (rq, rk)] if fix else []
     pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers] if fix else []
     qk_names = [n for n in qk_names if n not in names]
     pattern_names = [n for n in pattern_names if n not in names]
 
+    if "hook_embed" not in model.hook_dict:
+        raise ValueError(f"attribution patching starts its graph at the token embedding, and "
+                         f"{type(model).__name__} has none named hook_embed (an attached model gets it from "
+                         "get_input_embeddings() or its first nn.Embedding); use activation_patch instead")
     base, source_run, label = runs.base_and_source(direction, ablation)
     if ablation is not None and metric.normalized:
         raise ValueError("a normalized metric needs a corrupted run to define 0; use the raw metric with ablations")
 
-    acts, grads = {}, {}
+    acts, grads, live = {}, {}, {}
     n = base.tokens.shape[0]
     # Small batches are weight-bandwidth bound on CPU (SmolLM2: batch 2 at 14 tokens costs 1.09x
     # batch 1), so the source rows ride along in the graph's forward (benchmarks/attribution_merge.py).
@@ -94,7 +98,7 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
     def keep(tensor, hook):
         acts[hook.name] = tensor.detach()
         if tensor.requires_grad:
-            tensor.register_hook(lambda g, name=hook.name: grads.__setitem__(name, g.detach()[:n]))
+            live[hook.name] = tensor
         return tensor
 
     hooks = [("hook_embed", leaf)] + [(name, keep) for name in names + qk_names + pattern_names]
@@ -112,7 +116,14 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
         corrupt_logits = source_logits if base is runs.clean else logits.detach()
         ctx = MetricContext(clean_logits, corrupt_logits)
         base_metric = metric(logits, prompt_idx, ctx)
-        base_metric.sum().backward()  # prompts are independent: one backward gives every prompt's gradient
+        # Prompts are independent: one backward gives every prompt's gradient. autograd.grad to the sites
+        # alone: no weight gradient is computed, and no parameter's .grad of the user's model is touched.
+        wanted = list(live) if base_metric.requires_grad else []
+        for name, g in zip(wanted, torch.autograd.grad(base_metric.sum(), [live[k] for k in wanted],
+                                                        allow_unused=True) if wanted else []):
+            if g is not None:
+                grads[name] = g.detach()[:n]
+        live.clear()
     base_metric = base_metric.detach().float().cpu()
     baselines = Baselines(metric(clean_logits, prompt_idx, ctx).float().cpu(),
                           metric(corrupt_logits, prompt_idx, ctx).float().cpu(), ctx)

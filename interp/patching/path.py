@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from interp.patching.engine import PatchingRuns, _labels, _logits_at, _positions, logits_at
 from interp.patching.metrics import Baselines, MetricContext, as_metric
+from interp.patching.module_path import is_module_spec, module_path_patch
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise
 
@@ -63,7 +64,7 @@ def _check_head(model, head, what: str) -> None:
 def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid", receiver_inputs: str = "q",
                metric, direction: str = "noise", noise: GaussianNoise | None = None, sender_positions=None,
                freeze_mlps: bool = False, batch_size: int = 64, progress: bool = True, prepend_bos=None,
-               runs: PatchingRuns | None = None) -> PatchResult:
+               runs: PatchingRuns | None = None, freeze=None) -> PatchResult:
     """Path-patch senders -> receivers.
 
     senders: a list of (layer, head) patched together (the result's grid is empty: one
@@ -71,7 +72,22 @@ def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid
     giving a [layer, head] map. receivers: "resid" or [(layer, head), ...] (optionally
     (layer, head, "qk") to choose inputs per receiver); receiver_inputs: the default inputs.
     sender_positions: positions whose sender outputs are patched (default all).
+
+    Senders given as hook names or a template ("model.layers.{layer}.mlp") select the
+    module-level form, which runs on any hookable model (attached ones too): receivers and
+    `freeze` are then hook names as well (`interp.patching.module_path`).
     """
+    if is_module_spec(senders):
+        return module_path_patch(model, clean, corrupted, senders=senders, receivers=receivers, freeze=freeze,
+                                 metric=metric, direction=direction, noise=noise, sender_positions=sender_positions,
+                                 progress=progress, prepend_bos=prepend_bos, runs=runs)
+    if freeze is not None:
+        raise ValueError("freeze= names hook points for module-level path patching (senders given as hook names); "
+                         "with (layer, head) senders every other head is frozen, and freeze_mlps=True adds the MLPs")
+    if not getattr(model, "supports_resume", False) and not hasattr(model.cfg, "n_heads"):
+        raise ValueError(f"head-level path patching needs the toolkit's attention hooks, which "
+                         f"{type(model).__name__} lacks: convert the model (models.load) or give senders, receivers "
+                         "and freeze as hook names, e.g. senders='model.layers.{layer}.mlp'")
     start = time.perf_counter()
     metric = as_metric(metric)
     runs = runs or PatchingRuns(model, clean, corrupted, noise, prepend_bos)

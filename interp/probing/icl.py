@@ -54,13 +54,26 @@ class _SVG:
         return self.svg
 
 
+def is_language_model(model) -> bool:
+    """A causal model that predicts next tokens (ours: with an unembedding; attached: with an LM head)."""
+    if hasattr(model, "is_language_model"):
+        return bool(model.is_language_model)
+    return bool(model.cfg.causal) and getattr(model, "unembed", None) is not None
+
+
 def in_context_learning(model, seq_len: int = 50, n_repeats: int = 2, batch: int = 16, seed: int = 0) -> ICLResult:
     """Per-position next-token loss on BOS + `seq_len` random tokens repeated `n_repeats` times."""
-    if not model.cfg.causal or getattr(model, "unembed", None) is None:
+    if not is_language_model(model):
         raise ValueError(f"in-context learning needs a causal language model; {model.cfg.model_name} is not one")
     tokens = repeated_random_tokens(model, seq_len, n_repeats, batch, seed)
     with torch.no_grad():
-        loss = model(tokens, return_type="loss", loss_per_token=True)  # [batch, pos - 1]
+        if hasattr(model, "unembed"):
+            loss = model(tokens, return_type="loss", loss_per_token=True)  # [batch, pos - 1]
+        else:  # an attached model: from its logits
+            from interp.patching.engine import as_logits
+
+            logp = as_logits(model(tokens)).float().log_softmax(-1)[:, :-1]
+            loss = -logp.gather(-1, tokens[:, 1:, None])[..., 0]
     # Entry j predicts token j + 1; drop j = 0 (predicting the first random token from BOS alone).
     loss = loss[:, 1:].float().cpu()  # [batch, n_repeats * seq_len - 1]
     per_copy = torch.stack([loss[:, max(0, r * seq_len - 1): (r + 1) * seq_len - 1].mean(-1) for r in range(n_repeats)], 1)
