@@ -2,9 +2,17 @@
 
     interp tour      the main job: run the tour on the bundled models, write reports/tour/
     interp models    list the registered models and where each loads from
+    interp heads     head census: every head scored by every detector, with attention views
+    interp patch     activation / attribution patching of your own prompt pairs
     interp ioi       activation, path and attribution patching on indirect-object pairs
     interp factual   the same on landmark -> city recall, plus a Gaussian-noise causal trace
     interp shift     contextual-embedding shift: the built-in "mole" and "tower" studies, or your word
+    interp circuits  circuits from the weights: the framework study, or any model's heads
+    interp cache     run prompts and save the activations whose hook names match
+
+Every analysis takes --model, --out, --device and --dtype; prompts come from flags or a
+file (--prompts-file, one per line). Errors print one line and exit non-zero
+(INTERP_DEBUG=1 shows the traceback).
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 # The toolkit never reaches a model hub on its own.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,7 +31,7 @@ def _tour(args) -> int:
     from analyses.tour import DEFAULT_PROMPT, run_tour
 
     run_tour(args.model, args.prompt or DEFAULT_PROMPT, args.out, top_k=args.top_k, device=args.device,
-             dtype=args.dtype)
+             dtype=args.dtype, quick=args.quick, only=args.only)
     return 0
 
 
@@ -31,58 +40,139 @@ def _models(args) -> int:
 
     for entry in REGISTRY.values():
         print(f"{entry.name:<16} {entry.description}\n{'':<16} from {entry.source}")
-    print("Also: any local Hugging Face directory of a GPT-2, LLaMA/Mistral/Qwen2 or BERT checkpoint.")
+    print("Also: any local Hugging Face directory of a GPT-2, LLaMA/Mistral/Qwen2 or BERT checkpoint, a nanoGPT "
+          "ckpt.pt, and (interp.attach) any torch module.")
     return 0
 
 
 def _ioi(args) -> int:
-    from analyses.ioi import main
+    from analyses.ioi import INTRO, ioi_study
+    from analyses.patching_study import write_study
 
-    main(["--model", args.model, "--out", args.out] + (["--pairs", str(args.pairs)] if args.pairs else []))
+    study = ioi_study(_load(args)(args.model), args.pairs)
+    print("wrote", write_study(study, Path(args.out), f"Indirect-object identification on {args.model}", INTRO))
     return 0
 
 
 def _factual(args) -> int:
-    from analyses.factual import main
+    from analyses.factual import factual_study
 
-    main(["--model", args.model, "--out", args.out])
+    print("wrote", factual_study(_load(args)(args.model)).save(args.out))
     return 0
 
 
 def _shift(args) -> int:
     from analyses.embedding_shift import run_args
 
-    run_args(args)
+    run_args(args, load=_load(args))
     return 0
 
 
+def _load(args):
+    from analyses.commands import loader
+
+    return loader(args)
+
+
+def _command(name):
+    def run(args) -> int:
+        from analyses import commands
+
+        getattr(commands, name)(args)
+        return 0
+
+    return run
+
+
+def _common(p: argparse.ArgumentParser, out: str, model: str | None = "smollm2-135m") -> None:
+    if model is not None:
+        p.add_argument("--model", default=model, help=f"a registered name (interp models) or a directory (default "
+                                                      f"{model})")
+    p.add_argument("--out", default=out, help=f"where to write (default {out})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+
+
+def _prompts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
+    p.add_argument("--prompts-file", default=None, help="a text file, one prompt per line ('-': standard input)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line too (subcommand parsers are made of the same class)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="interp", description="Mechanistic-interpretability toolkit.")
+    parser = _Parser(prog="interp", description="Mechanistic-interpretability toolkit.")
     sub = parser.add_subparsers(dest="command", required=True)
     tour = sub.add_parser("tour", help="run the tour of the toolkit and write an offline HTML report")
-    tour.add_argument("--model", default="smollm2-135m")
-    tour.add_argument("--prompt", default=None)
-    tour.add_argument("--out", default="reports/tour")
-    tour.add_argument("--top-k", type=int, default=10)
-    tour.add_argument("--device", default="cpu")
-    tour.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    _common(tour, "reports/tour")
+    tour.add_argument("--prompt", default=None, help="the prompt of the first stop (next-token predictions)")
+    tour.add_argument("--top-k", type=int, default=None)
+    tour.add_argument("--quick", action="store_true", help="smaller studies (fewer pairs and models, no tuned lens)")
+    tour.add_argument("--only", nargs="+", default=None, help="run only these stops: next_token framework heads ioi "
+                                                              "factual shift")
     tour.set_defaults(func=_tour)
+
+    listing = sub.add_parser("models", help="list the models that load without a hub")
+    listing.set_defaults(func=_models)
+
+    heads = sub.add_parser("heads", help="head census: every head scored by every detector (reports/heads)")
+    _common(heads, "reports/heads", model=None)
+    heads.add_argument("--models", "--model", nargs="+", default=["smollm2-135m"], dest="models",
+                       help="one or more models (default smollm2-135m)")
+    _prompts(heads)
+    heads.add_argument("--seed", type=int, default=0)
+    heads.set_defaults(func=_command("heads"))
+
+    patch = sub.add_parser("patch", help="activation / attribution patching of your prompt pairs (reports/patch)")
+    _common(patch, "reports/patch")
+    patch.add_argument("--clean", default=None, help="the clean prompt")
+    patch.add_argument("--corrupted", default=None, help="the corrupted prompt (same token length)")
+    patch.add_argument("--answer", default=None, help="the clean answer, e.g. ' Mary' (one token)")
+    patch.add_argument("--wrong", default=None, help="the corrupted answer, e.g. ' John'")
+    patch.add_argument("--pairs-file", default=None, help="tab-separated lines: clean, corrupted, answer, wrong")
+    patch.add_argument("--kind", default="resid_pre", help="site kind: resid_pre, attn_out, mlp_out, z, q, k, v, "
+                                                           "pattern, ... (default resid_pre)")
+    patch.add_argument("--by", default="layer_pos", help="layer_pos, layer, head, head_pos (default layer_pos)")
+    patch.add_argument("--direction", default="denoise", choices=["denoise", "noise"])
+    patch.add_argument("--method", default="both", choices=["exact", "attribution", "both"])
+    patch.add_argument("--normalized", action="store_true", help="0 = corrupted, 1 = clean")
+    patch.set_defaults(func=_command("patch"))
+
     ioi = sub.add_parser("ioi", help="patching study: indirect-object identification (reports/ioi)")
-    ioi.add_argument("--model", default="smollm2-135m")
+    _common(ioi, "reports/ioi")
     ioi.add_argument("--pairs", type=int, default=None, help="the first N of the 24 pairs")
-    ioi.add_argument("--out", default="reports/ioi")
     ioi.set_defaults(func=_ioi)
     factual = sub.add_parser("factual", help="patching study: landmark -> city recall (reports/factual)")
-    factual.add_argument("--model", default="smollm2-135m")
-    factual.add_argument("--out", default="reports/factual")
+    _common(factual, "reports/factual")
     factual.set_defaults(func=_factual)
+
     shift = sub.add_parser("shift", help="contextual-embedding shift: mole/tower, or --word with --context (reports/shift)")
     from analyses.embedding_shift import add_arguments
 
     add_arguments(shift)
+    shift.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    shift.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     shift.set_defaults(func=_shift)
-    listing = sub.add_parser("models", help="list the models that load without a hub")
-    listing.set_defaults(func=_models)
+
+    circ = sub.add_parser("circuits", help="circuits from the weights (reports/circuits)")
+    _common(circ, "reports/circuits", model=None)
+    circ.add_argument("--model", default=None, help="any model: OV/QK positivity and composition of every head "
+                                                    "(default: the framework study on the attention-only models)")
+    circ.add_argument("--one-layer", default="attn-only-1l")
+    circ.add_argument("--two-layer", default="attn-only-2l")
+    circ.set_defaults(func=_command("circuits"))
+
+    cache = sub.add_parser("cache", help="run prompts and save the activations whose hook names match (a .pt file)")
+    _common(cache, "reports/cache/activations.pt")
+    _prompts(cache)
+    cache.add_argument("--names", nargs="+", default=None,
+                       help="hook-name globs, e.g. 'blocks.*.hook_resid_post' 'blocks.3.attn.hook_pattern' (default all)")
+    cache.set_defaults(func=_command("cache"))
     return parser
 
 

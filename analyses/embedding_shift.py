@@ -104,15 +104,16 @@ def write_report(results: dict, out: Path, title: str = "Contextual-embedding sh
 
 
 def run(model_names=DEFAULT_MODELS, studies=("mole", "tower"), out="reports/shift", tuned_lens: bool = True,
-        log=print) -> dict:
+        log=print, load=None) -> dict:
     """The built-in studies on each model; decoders also get a tuned lens (~45 s on SmolLM2) unless
-    `tuned_lens=False`."""
+    `tuned_lens=False`. `load(name)` loads a model (default `models.load`)."""
     import models
 
+    load = load or models.load
     results, kls = {}, {}
     for name in model_names:
         start = time.perf_counter()
-        model = models.load(name)
+        model = load(name)
         log(f"loaded {name} in {time.perf_counter() - start:.1f} s")
         lens = None
         if tuned_lens and getattr(model.cfg, "causal", True) and getattr(model, "unembed", None) is not None:
@@ -142,7 +143,7 @@ def read_contexts(path: str) -> tuple[list[str], list[str] | None]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `python -m analyses.embedding_shift` and `interp shift`."""
-    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
+    parser.add_argument("--models", "--model", nargs="+", default=list(DEFAULT_MODELS), dest="models")
     parser.add_argument("--studies", nargs="+", default=["mole", "tower"], help="built-in studies (without --word)")
     parser.add_argument("--word", default=None, help="your own word (with --context or --contexts-file)")
     parser.add_argument("--context", action="append", default=[], help="a context containing the word (repeat)")
@@ -157,9 +158,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="reports/shift")
 
 
-def run_args(args) -> Path:
+def run_args(args, load=None) -> Path:
+    import models
+
+    load = load or models.load
     if args.word is None:
-        run(args.models, args.studies, args.out, tuned_lens=not args.no_tuned_lens)
+        run(args.models, args.studies, args.out, tuned_lens=not args.no_tuned_lens, load=load)
         return Path(args.out) / "index.html"
     contexts, labels = list(args.context), args.label
     if args.contexts_file:
@@ -170,12 +174,11 @@ def run_args(args) -> Path:
         labels = (labels or []) + more_labels if more_labels is not None else labels
     if len(contexts) < 2:
         raise ValueError("give at least 2 contexts (--context ... --context ..., or --contexts-file)")
-    import models
     from interp.shift.study import shift_study
 
     results = {}
     for name in args.models:
-        model = models.load(name)
+        model = load(name)
         results[(name, args.word)] = shift_study(model, args.word, contexts, labels, pool=args.pool, read=args.read,
                                                  contrast=tuple(args.contrast) if args.contrast else None)
     index = write_report(results, Path(args.out), title=f"How {args.word!r} moves with its context")

@@ -26,9 +26,10 @@ OTHERS = [("Colosseum", " Rome"), ("Brandenburg Gate", " Berlin"), ("Prado Museu
           ("Sydney Opera House", " Sydney")]
 
 
-def factual_pairs() -> PairSet:
+def factual_pairs(n_landmarks: int | None = None) -> PairSet:
+    """Eiffel Tower against each other landmark, both ways (8 pairs; 2 per landmark)."""
     clean, corrupted, answer, other = [], [], [], []
-    for landmark, city in OTHERS:
+    for landmark, city in OTHERS[:n_landmarks]:
         for (a, a_city), (b, b_city) in ((EIFFEL, (landmark, city)), ((landmark, city), EIFFEL)):
             clean.append(TEMPLATE.format(a))
             corrupted.append(TEMPLATE.format(b))
@@ -46,8 +47,8 @@ class FactualStudy:
         return write_factual(self, Path(directory))
 
 
-def factual_study(model, progress: bool = True, log=print) -> FactualStudy:
-    study = run_study(model, factual_pairs(), progress=progress, log=log)
+def factual_study(model, progress: bool = True, log=print, n_landmarks: int | None = None) -> FactualStudy:
+    study = run_study(model, factual_pairs(n_landmarks), progress=progress, log=log)
     prompt = TEMPLATE.format(EIFFEL[0])
     paris = int(answer_ids(model, [EIFFEL[1]])[0])
     trace = activation_patch(model, [prompt], kind="resid_pre", by="layer_pos", metric=log_prob(paris),

@@ -32,6 +32,8 @@ class ActivationCache(Mapping):
 
     # ------------------------------------------------------------------ mapping
     def _key(self, key) -> str:
+        if isinstance(key, str) and key in self.cache_dict:
+            return key
         if isinstance(key, tuple) and len(key) >= 1 and isinstance(key[-1], str) and key[-1] == "grad":
             return resolve_key(key[:-1]) + "_grad"
         return resolve_key(key)

@@ -204,8 +204,13 @@ class FactoredMatrix:
         return torch.linalg.eigvals(_linalg_dtype(self.BA))
 
     def norm(self) -> Tensor:
-        """Frobenius norm ``[...]`` from the singular values."""
-        return self.S.pow(2).sum(-1).sqrt()
+        """Frobenius norm ``[...]``: from the singular values when they are cached, else as
+        ``sqrt(sum((A^T A) * (B B^T)))`` (= trace(B^T A^T A B)), two small matrix products
+        and no decomposition (composition scores take thousands of norms)."""
+        if "_svd" in self.__dict__:
+            return self.S.pow(2).sum(-1).sqrt()
+        A, B = _linalg_dtype(self._A), _linalg_dtype(self._B)
+        return ((_mT(A) @ A) * (B @ _mT(B))).sum((-2, -1)).clamp(min=0).sqrt()
 
     def trace(self) -> Tensor:
         """(Not in TransformerLens.) ``tr(AB) = sum_ij A_ij B_ji``, ``[...]``, in

@@ -146,7 +146,9 @@ class HookedRootModule(nn.Module):
             spec = [spec]
         names = []
         for item in spec:
-            name = resolve_key(item)
+            # A real hook name wins over a short key it spells (an attached model's `embed` module
+            # is not `hook_embed`).
+            name = item if isinstance(item, str) and item in self.hook_dict else resolve_key(item)
             if name not in self.hook_dict:
                 raise unknown_name_error(name, self.hook_dict)
             names.append(name)

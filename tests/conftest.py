@@ -175,3 +175,30 @@ def attn_only_ln():
     model = models.HookedTransformer(cfg)
     model.requires_grad_(False)
     return model
+
+
+@pytest.fixture(scope="session")
+def quick_tour(tmp_path_factory):
+    """`interp tour --quick` on the bundled models, run once with every socket call refused:
+    (index path, the log lines, the network attempts made)."""
+    import socket
+
+    from analyses.tour import run_tour
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network blocked by the test suite")
+
+    saved = {(socket.socket, "connect"): socket.socket.connect, (socket.socket, "connect_ex"): socket.socket.connect_ex,
+             (socket, "create_connection"): socket.create_connection, (socket, "getaddrinfo"): socket.getaddrinfo}
+    for (owner, name) in saved:
+        setattr(owner, name, refuse)
+    lines = []
+    try:
+        index = run_tour(out=tmp_path_factory.mktemp("tour") / "tour", quick=True, log=lines.append, progress=False)
+    finally:
+        for (owner, name), original in saved.items():
+            setattr(owner, name, original)
+    return index, lines, attempts

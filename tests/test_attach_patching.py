@@ -191,3 +191,23 @@ def test_path_patching_on_attached_models_explains_bad_requests(hf_llama, pair):
     with pytest.raises(HookNameError, match="model.layers.1.mlp"):
         path_patch(hooked, clean, corrupted, metric=metric, senders="model.layers.{layer}.mlpp")
     assert _hooks(hf_llama) == theirs
+
+
+def test_a_module_named_embed_is_its_own_hook_point():
+    # `embed` is also a short key for `hook_embed`; on an attached model the real module path wins.
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+
+        def forward(self, x):
+            return self.blocks[0](self.embed(x) * 2)
+
+    model = Tiny()
+    ids = torch.tensor([[1, 2, 3]])
+    _, cache = attach(model).run_with_cache(ids)
+    assert {"embed", "hook_embed", "blocks.0"} <= set(cache.keys())
+    torch.testing.assert_close(cache["embed"], model.embed.weight[ids[0]][None])
+    out = attach(model).run_with_hooks(ids, fwd_hooks=[("embed", lambda t, hook: t * 0)])
+    torch.testing.assert_close(out, model.blocks[0].bias.expand(1, 3, 4))

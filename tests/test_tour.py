@@ -17,17 +17,18 @@ from models.loading import load_tokenizer
 BUNDLE_MARK = "var CircuitsVis="
 
 
-def test_tour_writes_an_offline_report(llama_dir, tmp_path):
+def test_first_stop_predicts_like_transformers(llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     index = run_tour(str(llama_dir), "The Eiffel Tower is located in the city of", tmp_path / "tour", top_k=5,
-                     log=lambda *a: None)
-    page = index.read_text()
+                     only=["next_token"], log=lambda *a: None, progress=False)
+    page = (tmp_path / "tour" / "next_token" / "index.html").read_text()
     assert page.count(BUNDLE_MARK) == 1, "the circuitsvis bundle is inlined exactly once"
     assert "unpkg.com" not in page and "<script src" not in page
     assert page.count('data-component="AttentionHeads"') == 2  # one view per layer
+    assert 'href="next_token/index.html"' in index.read_text()
     results = json.loads((tmp_path / "tour" / "results.json").read_text())
-    top = results["next_token"]["top"]
+    top = results["studies"]["next_token"]["numbers"]["top"]
     # Independent check: the transformers model's own top-5 next tokens.
     hf = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     ids = load_tokenizer(llama_dir)("The Eiffel Tower is located in the city of", return_tensors="pt").input_ids
@@ -37,14 +38,25 @@ def test_tour_writes_an_offline_report(llama_dir, tmp_path):
     assert [r["prob"] for r in top] == pytest.approx(ref.values.tolist(), abs=1e-5)
 
 
-def test_tour_makes_no_network_call(llama_dir, tmp_path, monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the toolkit tried to open a network connection")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    assert run_tour(str(llama_dir), "A mole is", tmp_path / "t", top_k=3, log=lambda *a: None).exists()
+@pytest.mark.slow
+def test_quick_tour_runs_every_study_offline(quick_tour):
+    index, lines, attempts = quick_tour
+    assert attempts == [], "the tour tried to open network connections"
+    out = index.parent
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["studies"]) == ["next_token", "framework", "heads", "ioi", "factual", "shift"]
+    text = index.read_text()
+    for name, study in results["studies"].items():
+        assert (out / study["page"]).exists() and f'href="{study["page"]}"' in text, name
+        assert study["numbers"], name
+    assert any("' Paris'" in line for line in lines)  # SmolLM2's next token after the Eiffel prompt
+    numbers = results["studies"]
+    assert numbers["framework"]["numbers"]["path_error"] < 1e-3  # the path expansion sums to the logits
+    ioi = numbers["ioi"]["numbers"]
+    assert ioi["n_pairs"] >= 2 and all(c > 0 for c in ioi["clean_logit_diff"])
+    assert all(r["centroid acc, best"] > 0.9 for r in numbers["shift"]["numbers"]["summary"])
+    for page in out.rglob("*.html"):  # each page says what was run
+        assert "What was run" in page.read_text() and "toolkit version" in page.read_text(), page
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path):
@@ -81,9 +93,3 @@ def test_page_escapes_script_breakers():
     assert text.count("</script>") == 2
 
 
-@pytest.mark.slow
-def test_main_job_on_the_default_model(tmp_path):
-    lines = []
-    index = run_tour(out=tmp_path / "tour", log=lines.append)
-    assert index.exists()
-    assert any("' Paris'" in line for line in lines[:5])
