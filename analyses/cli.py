@@ -89,6 +89,10 @@ def _common(p: argparse.ArgumentParser, out: str, model: str | None = "smollm2-1
         p.add_argument("--model", default=model, help=f"a registered name (interp models) or a directory (default "
                                                       f"{model})")
     p.add_argument("--out", default=out, help=f"where to write (default {out})")
+    _device_dtype(p)
+
+
+def _device_dtype(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
 
@@ -154,9 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     shift = sub.add_parser("shift", help="contextual-embedding shift: mole/tower, or --word with --context (reports/shift)")
     from analyses.embedding_shift import add_arguments
 
-    add_arguments(shift)
-    shift.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
-    shift.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    add_arguments(shift)  # its own --models/--model and --out, shared with python -m analyses.embedding_shift
+    _device_dtype(shift)
     shift.set_defaults(func=_shift)
 
     circ = sub.add_parser("circuits", help="circuits from the weights (reports/circuits)")

@@ -20,7 +20,7 @@ def read_lines(path: str | None) -> list[str]:
     import sys
 
     text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    return [line.rstrip("\n") for line in text.splitlines() if line.strip()]
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def prompts_of(args) -> list[str]:
@@ -28,19 +28,9 @@ def prompts_of(args) -> list[str]:
 
 
 def heads(args) -> Path:
-    from analyses.heads import head_census
-    from analyses.heads_report import write_index
+    from analyses.heads import census_reports
 
-    load = loader(args)
-    prompts = prompts_of(args) or None
-    censuses = []
-    for name in args.models:
-        census = head_census(load(name), prompts=prompts, seed=args.seed)
-        print(f"{name}: " + "; ".join(f"{d} L{census.top(d, 1)[0][0]}H{census.top(d, 1)[0][1]} "
-                                      f"{census.top(d, 1)[0][2]:.2f}" for d in ("previous_token", "induction", "bos")))
-        census.save(args.out)
-        censuses.append(census)
-    index = write_index(censuses, Path(args.out))
+    index = census_reports(args.models, args.out, loader(args), prompts=prompts_of(args) or None, seed=args.seed)[1]
     print(f"wrote {index}")
     return index
 

@@ -10,8 +10,7 @@ std) on the subject's tokens, and the residual stream restored layer by layer.
 
 from __future__ import annotations
 
-import argparse
-import time
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,18 +73,12 @@ def write_factual(result: FactualStudy, out: Path) -> Path:
     return index
 
 
-def main(argv=None) -> None:
-    import models
+def main(argv=None) -> int:
+    """`python -m analyses.factual` is `interp factual`."""
+    from analyses.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--out", default="reports/factual")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    model = models.load(args.model)
-    path = factual_study(model).save(args.out)
-    print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+    return cli_main(["factual", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -135,24 +135,32 @@ def head_census(model, prompts: list | None = None, n_random: int = 16, seed: in
     )
 
 
-def main(argv=None) -> None:
+def census_reports(names, out, load=None, prompts: list | None = None, seed: int = 0, log=print,
+                   progress: bool = False) -> tuple[list[HeadCensus], Path]:
+    """Census every model in `names`, one page each plus an index under `out`; (censuses, index path)."""
     import models
+    from tqdm.auto import tqdm
 
     from analyses.heads_report import write_index
 
+    load = load or models.load
+    censuses = []
+    for name in tqdm(names, desc="head census", disable=not progress, leave=False):
+        census = head_census(load(name), prompts=prompts, seed=seed)
+        log(f"{name}: " + "; ".join(f"{d} L{l}H{h} {mean:.2f}" for d in ATTENTION_DETECTORS
+                                    for l, h, mean, _ in census.top(d, 1)))
+        census.save(out)
+        censuses.append(census)
+    return censuses, write_index(censuses, Path(out))
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "minilm-l6", "attn-only-2l", "attn-only-1l"])
     parser.add_argument("--out", default="reports/heads")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    censuses = []
-    for name in args.models:
-        census = head_census(models.load(name), seed=args.seed)
-        print(f"{name}: " + "; ".join(f"{d} top {census.top(d, 1)[0][:2]}={census.top(d, 1)[0][2]:.2f}"
-                                      for d in ATTENTION_DETECTORS))
-        census.save(args.out)
-        censuses.append(census)
-    print("wrote", write_index(censuses, Path(args.out)))
+    print("wrote", census_reports(args.models, args.out, seed=args.seed)[1])
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ def _slug(name: str) -> str:
     return name.replace("/", "_")
 
 
-def _census_dict(census) -> dict:
+def census_dict(census) -> dict:
     return {
         "model": census.model_name,
         "settings": census.settings,
@@ -44,7 +44,7 @@ def _heatmap(name: str, scores) -> str:
 def write_census(census, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     slug = _slug(census.model_name)
-    (out / f"{slug}.json").write_text(json.dumps(_census_dict(census), indent=1))
+    (out / f"{slug}.json").write_text(json.dumps(census_dict(census), indent=1))
     page = Page(f"Head census: {census.model_name}",
                 {"command": f"python -m analyses.heads --models {census.model_name}", "model": census.model_name,
                  **{k: str(v) for k, v in census.settings.items()}})
@@ -104,5 +104,5 @@ def write_index(censuses: list, out: Path) -> Path:
     links = "".join(f'<li><a href="{_slug(c.model_name)}.html">{c.model_name}</a></li>' for c in censuses)
     page.raw(f"<ul>{links}</ul>")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "census.json").write_text(json.dumps({c.model_name: _census_dict(c) for c in censuses}, indent=1))
+    (out / "census.json").write_text(json.dumps({c.model_name: census_dict(c) for c in censuses}, indent=1))
     return page.save(out / "index.html")

@@ -10,11 +10,9 @@ metric is logit(clean answer) - logit(corrupted answer), normalised per pair.
 
 from __future__ import annotations
 
-import argparse
-import time
-from pathlib import Path
+import sys
 
-from analyses.patching_study import PairSet, PatchingStudy, run_study, write_study
+from analyses.patching_study import PairSet, PatchingStudy, run_study
 
 TEMPLATES = [
     "When {A} and {B} went to the store, {S} gave a drink to",
@@ -49,20 +47,12 @@ INTRO = ("Indirect-object identification (Wang et al. 2022): in 'When Mary and J
          "a drink to', the model should say ' Mary'. The corrupted prompt repeats the other name, so the answer flips.")
 
 
-def main(argv=None) -> None:
-    import models
+def main(argv=None) -> int:
+    """`python -m analyses.ioi` is `interp ioi`."""
+    from analyses.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--pairs", type=int, default=None, help="use the first N pairs (default all 24)")
-    parser.add_argument("--out", default="reports/ioi")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    model = models.load(args.model)
-    study = ioi_study(model, args.pairs)
-    path = write_study(study, Path(args.out), f"Indirect-object identification on {args.model}", INTRO)
-    print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+    return cli_main(["ioi", *(argv if argv is not None else sys.argv[1:])])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -35,7 +36,6 @@ class TourSettings:
     shift_models: tuple = ("smollm2-135m", "minilm-l6")
     tuned_lens: bool = True
     top_k: int = 10
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def quick(cls) -> "TourSettings":
@@ -115,7 +115,7 @@ def _command(model_name, prompt, quick, only) -> str:
 
 
 def _settings_dict(settings: TourSettings) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.__dict__.items() if k != "extra"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.__dict__.items()}
 
 
 def _jsonable(x):
@@ -123,10 +123,6 @@ def _jsonable(x):
 
     if isinstance(x, torch.Tensor):
         return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    if isinstance(x, tuple):
-        return list(x)
     return str(x)
 
 
@@ -164,25 +160,17 @@ def _framework(*, load, model_name, prompt, out, settings, log, progress) -> Sto
 
 
 def _heads(*, load, model_name, prompt, out, settings, log, progress) -> Stop:
-    from analyses.heads import head_census
-    from analyses.heads_report import _census_dict, write_index
+    from analyses.heads import census_reports
+    from analyses.heads_report import census_dict
 
     names = list(dict.fromkeys(([model_name] if model_name in BUNDLED else []) + list(settings.heads_models)))
-    censuses = []
-    for name in tqdm(names, desc="head census", disable=not progress, leave=False):
-        census = head_census(load(name))
-        census.save(out / "heads")
-        censuses.append(census)
-    path = write_index(censuses, out / "heads")
-    best = []
-    for c in censuses:
-        l, h, score, _ = c.top("induction", 1)[0]
-        best.append(f"{c.model_name} L{l}H{h} {score:.2f}")
-    return Stop("heads", "Head census of the bundled models", path, {c.model_name: _census_dict(c) for c in censuses},
+    censuses, path = census_reports(names, out / "heads", load, log=log, progress=progress)
+    best = [f"{c.model_name} L{l}H{h} {score:.2f}" for c in censuses for l, h, score, _ in c.top("induction", 1)]
+    return Stop("heads", "Head census of the bundled models", path, {c.model_name: census_dict(c) for c in censuses},
                 "strongest induction head: " + "; ".join(best))
 
 
-def _patching(study_name, *, load, model_name, out, settings, log, progress) -> Stop:
+def _patching(study_name, *, load, model_name, prompt, out, settings, log, progress) -> Stop:
     from analyses import factual, ioi
     from analyses.patching_study import write_study
 
@@ -204,16 +192,6 @@ def _patching(study_name, *, load, model_name, out, settings, log, progress) -> 
                 f"(effect {effect:+.2f}); attribution vs exact over heads: pearson {agree['pearson']:.2f}")
 
 
-def _ioi(**kwargs) -> Stop:
-    kwargs.pop("prompt")
-    return _patching("ioi", **kwargs)
-
-
-def _factual(**kwargs) -> Stop:
-    kwargs.pop("prompt")
-    return _patching("factual", **kwargs)
-
-
 def _shift(*, load, model_name, prompt, out, settings, log, progress) -> Stop:
     from analyses.embedding_shift import run, summary_row
 
@@ -225,8 +203,8 @@ def _shift(*, load, model_name, prompt, out, settings, log, progress) -> Stop:
                 {"summary": rows}, headline)
 
 
-_STOPS = {"next_token": _next_token, "framework": _framework, "heads": _heads, "ioi": _ioi, "factual": _factual,
-          "shift": _shift}
+_STOPS = {"next_token": _next_token, "framework": _framework, "heads": _heads, "ioi": partial(_patching, "ioi"),
+          "factual": partial(_patching, "factual"), "shift": _shift}
 
 
 def _write_index(out: Path, stops: list[Stop], run: dict, seconds: float) -> Path:

@@ -107,17 +107,20 @@ def test_chromium_is_installed():
     _require_chromium()
 
 
+@pytest.mark.slow
 def test_pages_load(rendered):
     problems = _problems(rendered, lambda r: [f"document.readyState is {r['ready_state']!r}"] * (r["ready_state"] != "complete")
                          + ["no <title>"] * (not r["title"].strip()))
     assert not problems, problems
 
 
+@pytest.mark.slow
 def test_no_request_leaves_the_machine(rendered):
     problems = _problems(rendered, lambda r: [f"requested {u}" for u in r["requests"] if not is_local(u)])
     assert not problems, "pages asked for something beyond file:/data:/about:/blob:\n" + problems
 
 
+@pytest.mark.slow
 def test_circuitsvis_views_render(rendered):
     def check(r):
         if r["views"] == 0:
@@ -135,6 +138,7 @@ def test_circuitsvis_views_render(rendered):
     assert not problems, problems
 
 
+@pytest.mark.slow
 def test_figures_have_size(rendered):
     problems = _problems(
         rendered, lambda r: [f"{r['svgs'] - r['svgs_sized']} of {r['svgs']} figure.plot SVGs have zero size"]
@@ -143,11 +147,13 @@ def test_figures_have_size(rendered):
     assert not problems, problems
 
 
+@pytest.mark.slow
 def test_no_console_errors(rendered):
     problems = _problems(rendered, lambda r: [f"console: {m}" for m in r["console_errors"]])
     assert not problems, problems
 
 
+@pytest.mark.slow
 def test_screenshots_saved(rendered):
     for result in rendered.values():
         shot = Path(result["screenshot"])
