@@ -36,12 +36,16 @@ def _tour(args) -> int:
 
 
 def _models(args) -> int:
+    from models.convert import support_table
     from models.registry import REGISTRY
 
+    if args.families:
+        print(support_table())
+        return 0
     for entry in REGISTRY.values():
         print(f"{entry.name:<16} {entry.description}\n{'':<16} from {entry.source}")
-    print("Also: any local Hugging Face directory of a GPT-2, LLaMA/Mistral/Qwen2 or BERT checkpoint, a nanoGPT "
-          "ckpt.pt, and (interp.attach) any torch module.")
+    print("Also: any local Hugging Face directory (or hub name, when a hub is reachable) of a supported family "
+          "(interp models --families), a nanoGPT ckpt.pt, and (interp.attach) any torch module.")
     return 0
 
 
@@ -122,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     tour.set_defaults(func=_tour)
 
     listing = sub.add_parser("models", help="list the models that load without a hub")
+    listing.add_argument("--families", action="store_true",
+                         help="the architectures that convert, as a markdown table (the README's support table)")
     listing.set_defaults(func=_models)
 
     heads = sub.add_parser("heads", help="head census: every head scored by every detector (reports/heads)")

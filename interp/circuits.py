@@ -18,6 +18,15 @@ the matrices that read them (and, for LayerNorm, the writing weights centred); c
 are then read off that copy with the norm scales taken as 1, as TransformerLens does.
 For norm-free models nothing is approximated.
 
+Families. Embeddings are read as the residual stream gets them (Gemma's scale included).
+Where a circuit is not what the forward computes, the functions here raise
+`CircuitError` rather than hand back a wrong matrix: QK circuits of models with q/k
+norms (the scores are not a bilinear form of the stream), OV circuits of models whose
+attention output passes a norm before the residual add (Gemma 2/3, OLMo 2), and both for
+models that clamp q, k and v (OLMo's clip_qkv). QK circuits
+of soft-capped models are the scores before the cap (the cap is monotonic, and applied
+elementwise), as `model.QK` documents.
+
 Nothing here materialises a d_vocab x d_vocab matrix unless you ask (`.AB`);
 `top1_diagonal_accuracy` walks the rows in chunks.
 """
@@ -30,6 +39,49 @@ from dataclasses import dataclass
 import torch
 
 from interp.factored_matrix import FactoredMatrix
+
+
+class CircuitError(ValueError):
+    """A weight-only circuit that this model's forward does not compute (it would be silently wrong)."""
+
+
+def circuit_limits(cfg) -> dict[str, str]:
+    """{"QK": why, "OV": why} for the circuits that are not exact for this config (empty when all are)."""
+    out = {}
+    qk_norm = getattr(cfg, "qk_norm", None)
+    if qk_norm:
+        width = "over all heads at once" if qk_norm == "full" else "per head"
+        out["QK"] = (f"q and k are normalised {width} (attn.q_norm / attn.k_norm) between the projection and the "
+                     "dot product, so the attention scores are not a bilinear form of the residual stream")
+    clip = getattr(cfg, "clip_qkv", None)
+    if clip is not None:
+        why = (f"q, k and v are clamped to [-{clip}, {clip}] after their projections (clip_qkv), so the scores and "
+               "the values are not linear in the residual stream wherever the clamp bites")
+        out.setdefault("QK", why)
+        out["OV"] = why
+    if getattr(cfg, "post_sublayer_norm", False):
+        out["OV"] = ("the attention output passes ln1_post (a division by the rms of all heads' summed output, "
+                     "then a weight) before the residual add, so W_V W_O is what a head writes into that norm, "
+                     "not into the residual stream")
+    return out
+
+
+def require_exact(model, circuits: str, what: str) -> None:
+    """Raise CircuitError if any of `circuits` ("QK", "OV" or "QKOV") is not exact for `model`."""
+    limits = circuit_limits(model.cfg)
+    for name in ("QK", "OV"):
+        if name in circuits and name in limits:
+            raise CircuitError(f"{what} needs the {name} circuit, which is not exact for "
+                               f"{getattr(model.cfg, 'model_name', 'this model')}: {limits[name]}. Hook the "
+                               "activations instead (run_with_cache: hook_pattern, hook_z, hook_attn_out).")
+
+
+def embedding(model) -> torch.Tensor:
+    """W_E as the residual stream receives it: `[d_vocab, d_model]` (times Gemma's embedding scale)."""
+    scale = getattr(model.cfg, "embed_scale", None)
+    if scale is None:
+        return model.W_E
+    return model.W_E * torch.tensor(scale, dtype=torch.float32).to(model.W_E.dtype)
 
 
 # ---------------------------------------------------------------------- weights to read circuits from
@@ -55,7 +107,7 @@ def _heads(tensor: torch.Tensor, layer, head) -> torch.Tensor:
 def direct_path(model) -> FactoredMatrix:
     """W_E W_U `[d_vocab, d_vocab_out]`: the logits a token predicts with no attention at all."""
     m = prepare(model)
-    return FactoredMatrix(m.W_E, m.W_U)
+    return FactoredMatrix(embedding(m), m.W_U)
 
 
 def full_qk(model, layer: int | None = None, head: int | None = None) -> FactoredMatrix:
@@ -63,17 +115,19 @@ def full_qk(model, layer: int | None = None, head: int | None = None) -> Factore
 
     Token embeddings only (positions are left out, as in the paper).
     """
+    require_exact(model, "QK", "full_qk")
     m = prepare(model)
-    W_E = m.W_E
+    W_E = embedding(m)
     W_Q, W_K = _heads(m.W_Q, layer, head), _heads(m.W_K, layer, head)
     return FactoredMatrix(W_E @ W_Q, W_K.transpose(-2, -1) @ W_E.T)
 
 
 def full_ov(model, layer: int | None = None, head: int | None = None) -> FactoredMatrix:
     """W_E W_V W_O W_U `[..., source token, output token]`: what attending to a token does to the logits."""
+    require_exact(model, "OV", "full_ov")
     m = prepare(model)
     W_V, W_O = _heads(m.W_V, layer, head), _heads(m.W_O, layer, head)
-    return FactoredMatrix(m.W_E @ W_V, W_O @ m.W_U)
+    return FactoredMatrix(embedding(m) @ W_V, W_O @ m.W_U)
 
 
 def k_composition_circuit(model, prev_layer: int, prev_head: int, layer: int, head: int) -> FactoredMatrix:
@@ -86,8 +140,9 @@ def k_composition_circuit(model, prev_layer: int, prev_head: int, layer: int, he
     """
     if prev_layer >= layer:
         raise ValueError(f"head {prev_layer}.{prev_head} must be in an earlier layer than {layer}.{head}")
+    require_exact(model, "QKOV", "k_composition_circuit")
     m = prepare(model)
-    W_E = m.W_E
+    W_E = embedding(m)
     # j's keys read i's output: (x_src W_V^i W_O^i) W_K^j, a [d_model, d_head] map.
     key_side = m.W_V[prev_layer, prev_head] @ (m.W_O[prev_layer, prev_head] @ m.W_K[layer, head])
     return FactoredMatrix(W_E @ m.W_Q[layer, head], key_side.T @ W_E.T)
@@ -163,6 +218,7 @@ def composition_scores(model, mode: str, baseline_samples: int = 200, seed: int 
     Q: head i's output read by j's queries, ‖OV_i QK_j‖; K: by j's keys, ‖OV_i QK_j^T‖;
     V: by j's values, ‖OV_i OV_j‖ (TransformerLens' definitions).
     """
+    require_exact(model, "OV" if mode == "V" else "QKOV", "composition_scores")
     m = prepare(model)
     left, right = _left_right(m, mode)
     L, H = m.cfg.n_layers, m.cfg.n_heads

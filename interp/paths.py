@@ -68,7 +68,8 @@ def _norm_parts(norm, scale: torch.Tensor):
         if centre:
             v = v - v.mean(-1, keepdim=True)
         v = v / scale
-        return v * norm.w if norm.w is not None else v
+        weight = getattr(norm, "effective_weight", norm.w)
+        return v * weight if weight is not None else v
 
     return linear, norm.b
 
@@ -78,6 +79,12 @@ def path_expansion(model, tokens: torch.Tensor, max_order: int = 2) -> PathExpan
     cfg = model.cfg
     if not cfg.attn_only or getattr(cfg, "post_ln", False):
         raise ValueError("path expansion needs a pre-LN attention-only model (MLPs are not linear)")
+    if getattr(cfg, "post_sublayer_norm", False) or not getattr(cfg, "pre_norm", True):
+        raise ValueError("path expansion needs each head's output added to the stream as it is; this model "
+                         "normalises the attention output (ln1_post) before the add")
+    if getattr(cfg, "output_logits_soft_cap", None) is not None or getattr(cfg, "embed_scale", None) is not None:
+        raise ValueError("path expansion needs logits linear in the stream and unscaled embeddings; this model "
+                         "soft-caps its logits or scales its embeddings")
     tokens = torch.as_tensor(tokens, device=model.device)
     tokens = tokens[None] if tokens.dim() == 1 else tokens
     wanted = ("hook_pattern", "hook_scale", "hook_embed", "hook_pos_embed")

@@ -7,59 +7,21 @@ and the explicit softmax(QK^T)V when a hook on `hook_attn_scores`/`hook_pattern`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from interp.hooks import HookPoint
+from models.components import Norm
 from models.config import TransformerConfig
 from models.layout import linear_in_heads, linear_out_heads, live_bias, per_head_in, per_head_out
+from models.rotary import Rotary, apply_rotary
 
 
 def _flat(bias: torch.Tensor) -> torch.Tensor | None:
     """[heads, d_head] bias -> [heads * d_head], or None when it is zero (see live_bias)."""
     bias = live_bias(bias)
     return None if bias is None else bias.reshape(-1)
-
-
-# ---------------------------------------------------------------------- rotary positions
-def rotary_inv_freq(cfg: TransformerConfig) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies `[rotary_dim / 2]` (float32) and the cos/sin scaling, as `transformers` computes them."""
-    dim = cfg.rotary_dim
-    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    params = cfg.rotary_scaling or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind == "default":
-        return inv_freq, 1.0
-    if kind == "linear":
-        return inv_freq / params["factor"], 1.0
-    if kind == "llama3":
-        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
-        old_len = params["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
-        return torch.where(medium, smoothed, scaled), 1.0
-    raise NotImplementedError(f"rope type {kind!r} is not supported yet (default, linear and llama3 are)")
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [batch, pos, heads, d_head]; cos, sin: [batch, pos, rotary_dim] (NeoX/LLaMA half-split style)."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    rd = cos.shape[-1]
-    if rd == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    x_rot, x_pass = x[..., :rd], x[..., rd:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
 # ---------------------------------------------------------------------- the KV cache
@@ -114,7 +76,7 @@ class KVCache:
 
 # ---------------------------------------------------------------------- per-forward state
 class AttentionFrame:
-    """What every layer of one forward shares: masks, positions and rotary tables, built once."""
+    """What every layer of one forward shares: masks (one per window size), positions and rotary tables."""
 
     def __init__(
         self,
@@ -123,8 +85,9 @@ class AttentionFrame:
         positions: torch.Tensor,
         key_mask: torch.Tensor | None,
         past_kv: KVCache | None,
-        rotary: "Rotary | None",
+        rotary: "dict[str, Rotary] | Rotary | None",
         allowed: torch.Tensor | None = None,
+        key_positions: torch.Tensor | None = None,
     ) -> None:
         self.cfg = cfg
         self.n_query = n_query
@@ -132,59 +95,64 @@ class AttentionFrame:
         self.key_mask = key_mask  # [batch, n_past + n_query] bool, or None when nothing is padded
         self.past_kv = past_kv
         self.offset = past_kv.length if past_kv is not None else 0
-        self.rotary = rotary
-        self._cos_sin: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._allowed: torch.Tensor | None = allowed  # an explicit mask is used as given
+        if rotary is not None and not isinstance(rotary, dict):
+            rotary = {"global": rotary}
+        self.rotary = rotary or None
+        self._cos_sin: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._given = allowed  # an explicit mask is used as given (packed rows)
         self._explicit = allowed is not None
+        self.key_positions = key_positions  # [batch or 1, n_keys]: windows over an explicit mask need them
+        self._allowed: dict[int | None, torch.Tensor] = {}
 
-    def cos_sin(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if dtype not in self._cos_sin:
-            self._cos_sin[dtype] = self.rotary(self.positions, dtype)
-        return self._cos_sin[dtype]
+    def cos_sin(self, dtype: torch.dtype, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        which = "local" if local and "local" in self.rotary else "global"
+        if (dtype, which) not in self._cos_sin:
+            self._cos_sin[(dtype, which)] = self.rotary[which](self.positions, dtype)
+        return self._cos_sin[(dtype, which)]
 
-    @property
-    def needs_mask(self) -> bool:
+    def needs_mask(self, window: int | None = None) -> bool:
         """False when SDPA's own `is_causal` (or no mask at all) says everything."""
-        if self.key_mask is not None or self._explicit:
+        if self.key_mask is not None or self._explicit or window is not None:
             return True
         return self.cfg.causal and self.offset > 0 and self.n_query > 1
 
-    @property
-    def sdpa_is_causal(self) -> bool:
+    def sdpa_is_causal(self, window: int | None = None) -> bool:
         return (self.cfg.causal and self.offset == 0 and self.n_query > 1 and self.key_mask is None
-                and not self._explicit)
+                and not self._explicit and window is None)
 
-    def allowed(self) -> torch.Tensor:
-        """Boolean `[batch or 1, 1, n_query, n_key]`: may this query read this key?"""
-        if self._allowed is None:
-            n_key = self.offset + self.n_query
-            device = self.positions.device
-            allowed = torch.ones(1, 1, self.n_query, n_key, dtype=torch.bool, device=device)
-            if self.cfg.causal:
-                q_idx = torch.arange(self.offset, n_key, device=device)[:, None]
-                allowed = allowed & (torch.arange(n_key, device=device)[None, :] <= q_idx)
-            if self.key_mask is not None:
-                allowed = allowed & self.key_mask[:, None, None, :]
-                # A padding query may see nothing; let it see everything so no row is
-                # all -inf (NaN would leak through the zero weights of later layers).
-                allowed = allowed | ~allowed.any(-1, keepdim=True)
-            self._allowed = allowed
-        return self._allowed
+    def allowed(self, window: int | None = None) -> torch.Tensor:
+        """Boolean `[batch or 1, 1, n_query, n_key]`: may this query read this key (within `window`)?"""
+        if window not in self._allowed:
+            self._allowed[window] = self._build(window)
+        return self._allowed[window]
 
-
-class Rotary(nn.Module):
-    """cos/sin tables for positions. Frequencies stay float32 whatever the model dtype, as in `transformers`."""
-
-    def __init__(self, cfg: TransformerConfig) -> None:
-        super().__init__()
-        self.inv_freq, self.scaling = rotary_inv_freq(cfg)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions: [batch, pos] -> cos, sin: [batch, pos, rotary_dim]
-        inv_freq = self.inv_freq.to(positions.device)
-        freqs = positions[..., None].float() * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+    def _build(self, window: int | None) -> torch.Tensor:
+        device = self.positions.device
+        if self._explicit:
+            allowed = self._given
+            if window is not None:
+                if self.key_positions is None:
+                    raise ValueError("an explicit attention mask on a model with sliding windows needs key_positions "
+                                     "(the position of every key), so that each window can be applied")
+                q_pos = self.positions[:, None, :, None]
+                k_pos = torch.as_tensor(self.key_positions, device=device)[:, None, None, :]
+                allowed = allowed & (q_pos - k_pos < window)
+            return allowed
+        n_key = self.offset + self.n_query
+        allowed = torch.ones(1, 1, self.n_query, n_key, dtype=torch.bool, device=device)
+        q_idx = torch.arange(self.offset, n_key, device=device)[:, None]
+        k_idx = torch.arange(n_key, device=device)[None, :]
+        if self.cfg.causal:
+            allowed = allowed & (k_idx <= q_idx)
+        if window is not None:
+            # transformers' rule, on indices (equal to positions among a row's real tokens): q - k < window.
+            allowed = allowed & (q_idx - k_idx < window)
+        if self.key_mask is not None:
+            allowed = allowed & self.key_mask[:, None, None, :]
+            # A padding query may see nothing; let it see everything so no row is
+            # all -inf (NaN would leak through the zero weights of later layers).
+            allowed = allowed | ~allowed.any(-1, keepdim=True)
+        return allowed
 
 
 # ---------------------------------------------------------------------- attention
@@ -197,6 +165,11 @@ class Attention(nn.Module):
     hook_k, hook_v, hook_rot_k [b, p, n_kv_heads, d_head] (one per KV head under
     GQA); hook_attn_scores, hook_pattern [b, n_heads, q, k]; hook_z [b, p, n_heads, d_head];
     hook_result [b, p, n_heads, d_model] (computed only when hooked).
+
+    Family switches (TransformerConfig): q/k norms (`q_norm`, `k_norm`, their own hook
+    points, between hook_q/hook_k and the rotary), `clip_qkv` (before hook_q/k/v),
+    soft-capped scores (hook_attn_scores is after the cap and the mask), sliding windows
+    (`cfg.window(layer)`), a second rotary table for local layers, GPT-J's interleaved rotary.
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int) -> None:
@@ -212,12 +185,24 @@ class Attention(nn.Module):
         self._b_K = nn.Parameter(torch.zeros(kv, dh))
         self._b_V = nn.Parameter(torch.zeros(kv, dh))
         self.b_O = nn.Parameter(torch.zeros(d))
+        self.window = cfg.window(layer)
+        self.local_rotary = self.window is not None and cfg.rotary_base_local is not None
         self.implementation = "auto"  # "auto", "explicit" (always materialise the pattern) or "sdpa"
         for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
         if cfg.positional_embedding_type == "rotary":
             self.hook_rot_q = HookPoint()
             self.hook_rot_k = HookPoint()
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm is not None:
+            kind, bias = cfg.qk_norm_type, cfg.qk_norm_bias
+            if cfg.qk_norm == "full":  # OLMo 2: over all heads at once
+                self.q_norm = Norm(cfg, h * dh, kind=kind, bias=bias)
+                self.k_norm = Norm(cfg, kv * dh, kind=kind, bias=bias)
+            else:
+                separate = cfg.qk_norm == "head_separate"  # StableLM: a weight per head
+                self.q_norm = Norm(cfg, dh, kind=kind, bias=bias, weight_shape=(h, dh) if separate else None)
+                self.k_norm = Norm(cfg, dh, kind=kind, bias=bias, weight_shape=(kv, dh) if separate else None)
 
     # Grouped KV heads, repeated so that head h reads KV head h // (n_heads / n_kv_heads).
     def _repeat(self, t: torch.Tensor) -> torch.Tensor:
@@ -243,19 +228,54 @@ class Attention(nn.Module):
     def uses_explicit_path(self) -> bool:
         if self.hook_attn_scores.active or self.hook_pattern.active:
             return True
-        return self.implementation == "explicit"
+        # SDPA has no soft-cap: capped models always take the explicit path (as transformers' eager).
+        return self.implementation == "explicit" or self.cfg.attn_scores_soft_cap is not None
+
+    # ------------------------------------------------------------------ scores
+    def scores_from_dots(self, dots: torch.Tensor) -> torch.Tensor:
+        """q.k -> the scores the softmax reads (before the mask): scaled, then soft-capped if the model caps."""
+        scores = dots * (1.0 / self.cfg.scale)
+        cap = self.cfg.attn_scores_soft_cap
+        if cap is not None:
+            scores = torch.tanh(scores / cap) * cap
+        return scores
+
+    def allowed_from_start(self, n_pos: int, device=None) -> torch.Tensor:
+        """`[n_pos, n_pos]` bool: which key a query sees in an unpadded sequence starting at position 0
+        (causal, within this layer's window). Path and attribution patching recompute patterns with it."""
+        idx = torch.arange(n_pos, device=device)
+        allowed = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device)
+        if self.cfg.causal:
+            allowed = allowed & (idx[None] <= idx[:, None])
+        if self.window is not None:
+            allowed = allowed & (idx[:, None] - idx[None] < self.window)
+        return allowed
+
+    # ------------------------------------------------------------------ forward
+    def _project(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, linear_in_heads(W), _flat(b))
+        clip = self.cfg.clip_qkv
+        return out.clamp(min=-clip, max=clip) if clip is not None else out
+
+    def _qk_norm(self, norm: Norm, t: torch.Tensor) -> torch.Tensor:
+        if self.cfg.qk_norm == "full":
+            return norm(t.flatten(-2)).view(t.shape)
+        return norm(t)
 
     def forward(self, x: torch.Tensor, frame: AttentionFrame) -> torch.Tensor:
         # x: [batch, pos, d_model] -> attn_out: [batch, pos, d_model]
         b, p, _ = x.shape
         h, kv, dh = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head
-        q = self.hook_q(F.linear(x, linear_in_heads(self.W_Q), _flat(self.b_Q)).view(b, p, h, dh))
-        k = self.hook_k(F.linear(x, linear_in_heads(self._W_K), _flat(self._b_K)).view(b, p, kv, dh))
-        v = self.hook_v(F.linear(x, linear_in_heads(self._W_V), _flat(self._b_V)).view(b, p, kv, dh))
+        q = self.hook_q(self._project(x, self.W_Q, self.b_Q).view(b, p, h, dh))
+        k = self.hook_k(self._project(x, self._W_K, self._b_K).view(b, p, kv, dh))
+        v = self.hook_v(self._project(x, self._W_V, self._b_V).view(b, p, kv, dh))
+        if self.q_norm is not None:
+            q, k = self._qk_norm(self.q_norm, q), self._qk_norm(self.k_norm, k)
         if frame.rotary is not None:
-            cos, sin = frame.cos_sin(x.dtype)
-            q = self.hook_rot_q(apply_rotary(q, cos, sin))
-            k = self.hook_rot_k(apply_rotary(k, cos, sin))
+            cos, sin = frame.cos_sin(x.dtype, self.local_rotary)
+            adjacent = self.cfg.rotary_adjacent_pairs
+            q = self.hook_rot_q(apply_rotary(q, cos, sin, adjacent))
+            k = self.hook_rot_k(apply_rotary(k, cos, sin, adjacent))
         # SDPA layout: [batch, heads, pos, d_head]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if frame.past_kv is not None:
@@ -264,11 +284,11 @@ class Attention(nn.Module):
         if self.uses_explicit_path():
             z = self._explicit(q, k, v, frame, n_rep)
         else:
-            mask = frame.allowed() if frame.needs_mask else None
+            mask = frame.allowed(self.window) if frame.needs_mask(self.window) else None
             if n_rep > 1 and mask is not None:
                 k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=frame.sdpa_is_causal,
+                q, k, v, attn_mask=mask, is_causal=frame.sdpa_is_causal(self.window),
                 scale=1.0 / self.cfg.scale, enable_gqa=n_rep > 1 and mask is None,
             )
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, n_heads, d_head]
@@ -280,9 +300,9 @@ class Attention(nn.Module):
     def _explicit(self, q, k, v, frame: AttentionFrame, n_rep: int) -> torch.Tensor:
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / self.cfg.scale)  # [b, h, q, k]
-        if frame.needs_mask or frame.sdpa_is_causal:
-            scores = scores.masked_fill(~frame.allowed(), float("-inf"))
+        scores = self.scores_from_dots(torch.matmul(q, k.transpose(-1, -2)))  # [b, h, q, k]
+        if frame.needs_mask(self.window) or frame.sdpa_is_causal(self.window):
+            scores = scores.masked_fill(~frame.allowed(self.window), float("-inf"))
         scores = self.hook_attn_scores(scores)
         pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         # A hook may mask a whole row; a NaN row would poison every later position.

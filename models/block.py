@@ -1,4 +1,16 @@
-"""One transformer block: pre-LN (GPT-2, LLaMA, toy models) or post-LN (BERT)."""
+"""One transformer block. The families are switches on this one forward:
+
+    sequential pre-norm (GPT-2, LLaMA):  mid = pre + attn(ln1(pre));        post = mid + mlp(ln2(mid))
+    parallel (GPT-NeoX, GPT-J, Phi-2):    post = pre + attn(ln1(pre)) + mlp(ln2(pre) or ln1(pre))
+    post-sublayer norms (Gemma 2/3):      mid = pre + ln1_post(attn(ln1(pre))); post = mid + ln2_post(mlp(ln2(mid)))
+    norms after the sublayers only (OLMo 2): as above without ln1/ln2
+    post-LN (BERT, OPT-350m):             mid = ln1(pre + attn(pre));         post = ln2(mid + mlp(mid))
+
+`hook_attn_out` and `hook_mlp_out` are exactly what is added to the residual stream
+(after a post-sublayer norm), so `resid_mid = resid_pre + attn_out` holds in every
+pre-norm family, and `resid_post = resid_pre + attn_out + mlp_out` in parallel blocks,
+which have no `hook_resid_mid`.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +24,9 @@ from models.config import TransformerConfig
 
 
 class Block(nn.Module):
-    """Hooks: hook_resid_pre, hook_attn_out, hook_resid_mid (not in attention-only
-    models), hook_mlp_out, hook_resid_post, all [batch, pos, d_model]. Post-LN blocks
-    also have hook_normalized_resid_post: the block's output, which the next block reads.
+    """Hooks: hook_resid_pre, hook_attn_out, hook_resid_mid (not in attention-only or
+    parallel blocks), hook_mlp_out, hook_resid_post, all [batch, pos, d_model]. Post-LN
+    blocks also have hook_normalized_resid_post: the block's output, which the next block reads.
     """
 
     def __init__(self, cfg: TransformerConfig, layer: int) -> None:
@@ -22,14 +34,20 @@ class Block(nn.Module):
         self.cfg = cfg
         self.layer = layer
         has_norm = cfg.normalization_type is not None
-        self.ln1 = Norm(cfg) if has_norm else None
+        pre = has_norm and (cfg.pre_norm or cfg.post_ln)
+        post = has_norm and cfg.post_sublayer_norm
+        self.ln1 = Norm(cfg) if pre else None
+        self.ln1_post = Norm(cfg, kind=cfg.base_norm_type) if post else None
         self.attn = Attention(cfg, layer)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
         if not cfg.attn_only:
-            self.ln2 = Norm(cfg) if has_norm else None
+            # A parallel block whose MLP reads ln1's output has no second pre-norm.
+            self.ln2 = Norm(cfg) if pre and not (cfg.parallel_attn_mlp and cfg.shared_norm) else None
+            self.ln2_post = Norm(cfg, kind=cfg.base_norm_type) if post else None
             self.mlp = MLP(cfg)
-            self.hook_resid_mid = HookPoint()
+            if not cfg.parallel_attn_mlp:
+                self.hook_resid_mid = HookPoint()
             self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
         if cfg.post_ln:
@@ -41,13 +59,24 @@ class Block(nn.Module):
             return self._post_ln(resid, frame)
         resid_pre = self.hook_resid_pre(resid)
         attn_in = self.ln1(resid_pre) if self.ln1 is not None else resid_pre
-        attn_out = self.hook_attn_out(self.attn(attn_in, frame))
+        attn_out = self.attn(attn_in, frame)
+        if self.ln1_post is not None:
+            attn_out = self.ln1_post(attn_out)
+        attn_out = self.hook_attn_out(attn_out)
         if self.cfg.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)
+        if self.cfg.parallel_attn_mlp:
+            mlp_in = attn_in if self.cfg.shared_norm else (self.ln2(resid_pre) if self.ln2 is not None else resid_pre)
+            mlp_out = self.hook_mlp_out(self._mlp(mlp_in))
+            return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_in = self.ln2(resid_mid) if self.ln2 is not None else resid_mid
-        mlp_out = self.hook_mlp_out(self.mlp(mlp_in))
+        mlp_out = self.hook_mlp_out(self._mlp(mlp_in))
         return self.hook_resid_post(resid_mid + mlp_out)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(x)
+        return self.ln2_post(out) if self.ln2_post is not None else out
 
     def _post_ln(self, resid: torch.Tensor, frame: AttentionFrame) -> torch.Tensor:
         # BERT: x = LN1(x + attn(x)); x = LN2(x + mlp(x)). Names follow TransformerLens' BertBlock.

@@ -55,37 +55,58 @@ class TokenTypeEmbed(nn.Module):
 class Norm(nn.Module):
     """LayerNorm or RMSNorm; `LNPre`/`RMSPre` are the same without the affine part (after folding).
 
+    kind: "LN", "RMS", "LNPre" or "RMSPre" (default: the model's normalization_type);
+    bias: whether an LN has a bias (default yes; RMS never); weight_shape: the weight's
+    shape when it is not `[d]` (per-head q/k norms with a weight per head: `[n_heads, d_head]`).
+    The weight multiplies as `(cfg.norm_weight_offset + w)` (Gemma stores w - 1), after the
+    cast back to the input dtype unless `cfg.norm_weight_in_fp32`, each as its family does.
+
     hook_scale: [batch, pos, 1], the divisor; hook_normalized: [batch, pos, d_model],
     before the affine part. When neither is hooked the fused/HF-identical formula runs.
     """
 
-    def __init__(self, cfg: TransformerConfig, d: int | None = None) -> None:
+    def __init__(self, cfg: TransformerConfig, d: int | None = None, *, kind: str | None = None,
+                 bias: bool | None = None, weight_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         d = d or cfg.d_model
-        kind = cfg.normalization_type
+        kind = kind or cfg.normalization_type
         self.rms = kind in ("RMS", "RMSPre")
         self.eps = cfg.norm_eps
         self.d = d
+        self.offset = float(cfg.norm_weight_offset)
+        self.weight_in_fp32 = bool(cfg.norm_weight_in_fp32) or self.offset != 0.0
         if kind in ("LN", "RMS"):
-            self.w = nn.Parameter(torch.ones(d))
-            self.b = None if self.rms else nn.Parameter(torch.zeros(d))
+            shape = tuple(weight_shape or (d,))
+            self.w = nn.Parameter(torch.full(shape, 1.0 - self.offset))
+            has_bias = (not self.rms) if bias is None else (bias and not self.rms)
+            self.b = nn.Parameter(torch.zeros(shape)) if has_bias else None
         else:
             self.w = None
             self.b = None
         self.hook_scale = HookPoint()
         self.hook_normalized = HookPoint()
 
+    def _affine(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """h: the normalised input in float32 (RMS) or the input dtype (LN)."""
+        if self.w is None:
+            return h.to(dtype) if self.b is None else h.to(dtype) + self.b
+        if self.weight_in_fp32:
+            out = (h.float() * (self.w.float() + self.offset)).to(dtype)
+        else:
+            out = h.to(dtype) * self.w
+        return out + self.b if self.b is not None else out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.hook_scale.active or self.hook_normalized.active:
             return self._hooked(x)
         if not self.rms:
-            return F.layer_norm(x, (self.d,), self.w, self.b, self.eps)
+            if self.w is None or (self.w.shape == (self.d,) and not self.offset):
+                return F.layer_norm(x, (self.d,), self.w, self.b, self.eps)
+            return self._affine(F.layer_norm(x, (self.d,), None, None, self.eps), x.dtype)
         # LlamaRMSNorm's own arithmetic (float32 statistics, rsqrt), so outputs match it bit for bit.
-        dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        h = h.to(dtype)
-        return h * self.w if self.w is not None else h
+        return self._affine(h, x.dtype)
 
     def _hooked(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -94,11 +115,14 @@ class Norm(nn.Module):
             h = h - h.mean(-1, keepdim=True)
         scale = self.hook_scale((h.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
         normalized = self.hook_normalized((h / scale).to(dtype))
-        if self.w is not None:
-            normalized = normalized * self.w
-        if self.b is not None:
-            normalized = normalized + self.b
-        return normalized
+        return self._affine(normalized, dtype)
+
+    @property
+    def effective_weight(self) -> torch.Tensor | None:
+        """What the normalised input is multiplied by (w, or offset + w), or None."""
+        if self.w is None:
+            return None
+        return self.w + self.offset if self.offset else self.w
 
 
 class MLP(nn.Module):

@@ -47,7 +47,27 @@ class TransformerConfig:
     tied_embeddings: bool = False
     has_unembed: bool = True  # False for an encoder checkpoint without an MLM head
     mlm_head: bool = False
-    attn_scale: float | None = None  # None: sqrt(d_head)
+    attn_scale: float | None = None  # None: sqrt(d_head); scores are q.k / attn_scale
+    # ---- family switches (docs/design.md, "Families are switches"); the defaults are GPT-2/LLaMA's
+    parallel_attn_mlp: bool = False  # attention and MLP both read resid_pre; resid_post = pre + attn + mlp
+    shared_norm: bool = False  # parallel blocks: ln1's output feeds the MLP too (GPT-J, Phi-2); else ln2
+    pre_norm: bool = True  # a norm before each sublayer (False: OLMo 2, whose norms sit after them only)
+    post_sublayer_norm: bool = False  # a norm on each sublayer's output before the add (Gemma 2/3, OLMo 2)
+    embed_ln: bool | None = None  # a norm on the embeddings (None: post_ln, as BERT)
+    norm_weight_offset: float = 0.0  # norms multiply by (offset + w): Gemma's 1 + w
+    norm_weight_in_fp32: bool = False  # apply the weight before casting back (Gemma, OLMo 2)
+    qk_norm: str | None = None  # "head" (one weight for every head), "head_separate" or "full" (whole width)
+    qk_norm_type: str = "RMS"  # "RMS" or "LN" for the q/k norms
+    qk_norm_bias: bool = False
+    clip_qkv: float | None = None  # q, k and v clamped to [-clip, clip] (OLMo)
+    attn_scores_soft_cap: float | None = None  # scores -> cap * tanh(scores / cap) before the mask (Gemma 2)
+    output_logits_soft_cap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    sliding_window: int | None = None  # a key is seen when query - key < window (transformers' rule)
+    layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention"; None: all sliding
+    rotary_adjacent_pairs: bool = False  # GPT-J's interleaved rotary (rotate every two) on the first rotary_dim
+    rotary_base_local: float | None = None  # a second rotary table for sliding layers (Gemma 3)
+    rotary_scaling_local: dict | None = None
+    embed_scale: float | None = None  # embeddings x scale, the scale cast to the weights' dtype first (Gemma)
     d_vocab_out: int | None = None  # None: d_vocab
     model_name: str = "custom"
     original_architecture: str | None = None
@@ -81,6 +101,24 @@ class TransformerConfig:
             raise ValueError("post_ln needs a normalization_type")
         if self.rotary_dim is None and self.positional_embedding_type == "rotary":
             self.rotary_dim = self.d_head
+        if self.qk_norm not in (None, "head", "head_separate", "full"):
+            raise ValueError(f"qk_norm must be None, 'head', 'head_separate' or 'full', got {self.qk_norm!r}")
+        if self.qk_norm_type not in ("RMS", "LN"):
+            raise ValueError(f"qk_norm_type must be 'RMS' or 'LN', got {self.qk_norm_type!r}")
+        if (not self.pre_norm or self.post_sublayer_norm or self.qk_norm) and self.normalization_type is None:
+            raise ValueError("pre_norm=False, post_sublayer_norm and qk_norm need a normalization_type")
+        if self.parallel_attn_mlp and (self.post_ln or self.d_mlp is None):
+            raise ValueError("parallel_attn_mlp needs a pre-LN block with an MLP")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+            unknown = set(self.layer_types) - {"full_attention", "sliding_attention"}
+            if unknown:
+                raise ValueError(f"layer_types may hold 'full_attention' and 'sliding_attention', got {sorted(unknown)}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("layer_types has sliding layers but sliding_window is not set")
+        if self.embed_ln is None:
+            self.embed_ln = self.post_ln
 
     # TransformerLens spellings, so code written for TL reads our config.
     @property
@@ -102,6 +140,22 @@ class TransformerConfig:
     @property
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else math.sqrt(self.d_head)
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of `layer` (None: it attends to every earlier position)."""
+        if not self.sliding_window:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def is_local(self, layer: int) -> bool:
+        return self.window(layer) is not None
+
+    @property
+    def base_norm_type(self) -> str | None:
+        """"LN" or "RMS" (what the Pre variants normalise with), or None."""
+        return None if self.normalization_type is None else self.normalization_type.removesuffix("Pre")
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -50,12 +50,14 @@ def generate(
     prepend_bos: bool | None = None,
     fwd_hooks=(),
     return_type: str = "auto",
+    attention_mask: torch.Tensor | None = None,
 ):
     """Continue `input` (a string, list of strings, or token ids) by up to `max_new_tokens`.
 
     Returns strings for string input (`return_type="str"`), token ids `[batch, pos]`
     (prompt + continuation) for token input or `return_type="tokens"`. Batches of
-    strings are left-padded so every row continues from its own last token.
+    strings are left-padded so every row continues from its own last token; token input
+    may be left-padded too, with its `attention_mask` (1 = real token).
     """
     cfg = model.cfg
     if not cfg.causal or model.unembed is None:
@@ -67,7 +69,13 @@ def generate(
     else:
         tokens = torch.as_tensor(input, device=model.device)
         tokens = tokens[None] if tokens.dim() == 1 else tokens
-        mask = torch.ones_like(tokens)
+        if attention_mask is None:
+            mask = torch.ones_like(tokens)
+        else:
+            mask = torch.as_tensor(attention_mask, device=model.device).reshape(tokens.shape).to(tokens.dtype)
+            if bool((mask[:, -1] == 0).any()):
+                raise ValueError("generation continues each row from its last token: pad on the left "
+                                 "(attention_mask[:, -1] must be 1)")
     if tokens.shape[1] + max_new_tokens > cfg.n_ctx:
         max_new_tokens = cfg.n_ctx - tokens.shape[1]
     if eos_token_id is None:

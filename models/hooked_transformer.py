@@ -15,10 +15,11 @@ from torch import nn
 
 from interp.factored_matrix import FactoredMatrix
 from interp.hooks import HookedRootModule, HookPoint
-from models.attention import AttentionFrame, KVCache, Rotary
+from models.attention import AttentionFrame, KVCache
 from models.block import Block
 from models.components import Embed, MLMHead, Norm, PosEmbed, TokenTypeEmbed, Unembed
 from models.config import TransformerConfig
+from models.rotary import Rotary
 from models.tokenizer import (
     ContextLengthError,
     Tokenized,
@@ -58,8 +59,12 @@ class HookedTransformer(HookedRootModule):
         if cfg.n_token_types:
             self.token_type_embed = TokenTypeEmbed(cfg)
             self.hook_token_type_embed = HookPoint()
-        self.ln_embed = Norm(cfg) if cfg.post_ln else None
-        self.rotary = Rotary(cfg) if cfg.positional_embedding_type == "rotary" else None
+        self.ln_embed = Norm(cfg) if cfg.embed_ln else None
+        self.rotary = Rotary(cfg, cfg.rotary_base, cfg.rotary_scaling) if cfg.positional_embedding_type == "rotary" else None
+        # Local (sliding-window) layers with their own rope base (Gemma 3).
+        self.rotary_local = None
+        if self.rotary is not None and cfg.rotary_base_local is not None:
+            self.rotary_local = Rotary(cfg, cfg.rotary_base_local, cfg.rotary_scaling_local)
         self.blocks = nn.ModuleList([Block(cfg, layer) for layer in range(cfg.n_layers)])
         has_final = cfg.final_norm and not cfg.post_ln and cfg.normalization_type is not None
         self.ln_final = Norm(cfg) if has_final else None
@@ -78,7 +83,7 @@ class HookedTransformer(HookedRootModule):
             for name, p in self.named_parameters():
                 leaf = name.rsplit(".", 1)[-1].lstrip("_")
                 if leaf == "w":
-                    p.fill_(1.0)
+                    p.fill_(1.0 - self.cfg.norm_weight_offset)
                 elif leaf.startswith("b"):
                     p.zero_()
                 else:
@@ -102,6 +107,7 @@ class HookedTransformer(HookedRootModule):
         logit_positions: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         attention_allowed: torch.Tensor | None = None,
+        key_positions: torch.Tensor | None = None,
     ):
         """Run the model.
 
@@ -116,7 +122,9 @@ class HookedTransformer(HookedRootModule):
         the output is then `[batch, k, d_vocab]`.
         positions `[batch, pos]` with attention_allowed `[batch or 1, 1, pos, cached + pos]`
         (bool): explicit positions and an explicit attention mask, for inputs that are not
-        one sequence per row (the patching engine packs many short rows into one).
+        one sequence per row (the patching engine packs many short rows into one);
+        key_positions `[batch or 1, cached + pos]`, each key's position, lets sliding windows
+        apply to such a mask.
         """
         if start_at_layer is None:
             tokens, attention_mask, token_type_ids = self._as_tokens(
@@ -147,7 +155,9 @@ class HookedTransformer(HookedRootModule):
             raise ContextLengthError(
                 f"position {int(positions.max())} is beyond the context of {self.cfg.model_name} (n_ctx={self.cfg.n_ctx})"
             )
-        frame = AttentionFrame(self.cfg, n_query, positions, key_mask, past_kv, self.rotary, attention_allowed)
+        rotary = {"global": self.rotary, "local": self.rotary_local} if self.rotary_local is not None else self.rotary
+        frame = AttentionFrame(self.cfg, n_query, positions, key_mask, past_kv, rotary, attention_allowed,
+                               key_positions)
 
         resid = self._embed(tokens, positions, token_type_ids) if start_at_layer is None else input
         for block in self.blocks[start:stop]:
@@ -226,7 +236,11 @@ class HookedTransformer(HookedRootModule):
         return key_mask, full, positions
 
     def _embed(self, tokens, positions, token_type_ids):
-        resid = self.hook_embed(self.embed(tokens))  # [batch, pos, d_model]
+        embed = self.embed(tokens)  # [batch, pos, d_model]
+        if self.cfg.embed_scale is not None:
+            # Gemma: the scale is cast to the weights' dtype first (sqrt(2304) = 48.0 in bf16), as transformers does.
+            embed = embed * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(embed.dtype)
+        resid = self.hook_embed(embed)
         if self.cfg.n_token_types:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(tokens)
@@ -255,6 +269,9 @@ class HookedTransformer(HookedRootModule):
         if self.mlm_head is not None:
             resid = self.mlm_head(resid)
         logits = self.unembed(resid)  # [batch, pos, d_vocab_out]
+        cap = self.cfg.output_logits_soft_cap
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
         if return_type in ("auto", "logits"):
             return logits
         if return_type is None:
@@ -371,12 +388,31 @@ class HookedTransformer(HookedRootModule):
 
     @property
     def QK(self) -> FactoredMatrix:
-        """`[n_layers, n_heads, d_model, d_model]`: W_Q W_K^T, so scores = x_q QK x_k^T (before rotary)."""
+        """`[n_layers, n_heads, d_model, d_model]`: W_Q W_K^T, so x_q QK x_k^T = q.k, the scores before
+        the scale 1/attn_scale, the rotary, biases and any soft-cap (which then gives
+        cap * tanh(q.k / (attn_scale cap))). x is what attention reads (ln1's output).
+
+        Raises CircuitError for models with q/k norms (Gemma 3, Qwen3, OLMo 2, ...) or with
+        clip_qkv (OLMo): there the scores are not a bilinear form of the residual stream.
+        """
+        from interp.circuits import CircuitError, circuit_limits
+
+        why = circuit_limits(self.cfg).get("QK")
+        if why:
+            raise CircuitError(f"model.QK is not defined for {self.cfg.model_name}: {why}. The projections are "
+                               "model.W_Q / model.W_K; hook_rot_q / hook_rot_k hold the queries and keys the scores "
+                               "are made of.")
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
     @property
     def OV(self) -> FactoredMatrix:
-        """`[n_layers, n_heads, d_model, d_model]`: W_V W_O, what a head writes per unit of attention."""
+        """`[n_layers, n_heads, d_model, d_model]`: W_V W_O, what a head writes per unit of attention.
+
+        With post-sublayer norms (Gemma 2/3, OLMo 2) this is what the head writes into
+        ln1_post, before that norm divides the summed attention output by its rms and
+        multiplies by its weight; `interp.circuits` functions that need the write into the
+        residual stream refuse such models.
+        """
         return FactoredMatrix(self.W_V, self.W_O)
 
     # ------------------------------------------------------------------ conveniences

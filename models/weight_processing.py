@@ -3,12 +3,18 @@
 - fold_ln: LayerNorm/RMSNorm scale and bias move into the weights that read the
   normalised stream; the norms become LNPre/RMSPre. Preserves logits and the residual
   stream (pre-LN models only: in post-LN models the stream *is* the affine output).
+  Only norms that stand before a linear reader fold: ln1, ln2 (in a parallel block with
+  one norm, ln1 folds into attention and MLP alike) and ln_final. Norms after a sublayer
+  (Gemma 2/3's and OLMo 2's ln1_post / ln2_post) write into the residual stream
+  through a division by their input's rms, and q/k norms sit before the rotary, so no
+  weight can absorb them: they keep their weights (their kind is the model's base norm).
 - center_writing_weights: everything written to the residual stream loses its mean
   over d_model. LayerNorm removes that mean anyway, so logits are preserved; the
   residual stream becomes its own centred version. Not for RMSNorm, which keeps it.
 - center_unembed: W_U and b_U lose their mean over the vocabulary: logits shift by a
   constant per position, so log-probs and logit differences are preserved.
-- fold_value_biases: b_V moves into b_O (attention rows sum to one). Preserves logits.
+- fold_value_biases: b_V moves into b_O (attention rows sum to one). Preserves logits
+  (refused under clip_qkv, which clamps v after its bias is added).
 """
 
 from __future__ import annotations
@@ -38,23 +44,31 @@ def process_weights(model, fold_ln=False, center_writing_weights=False, center_u
     return model
 
 
-def _fold_into(norm, readers: list[tuple[torch.Tensor, torch.Tensor]], center: bool, axis: int) -> None:
-    """Fold `norm`'s affine part into (W, b) pairs that read its output along `axis` (d_model)."""
-    w = norm.w
-    b = norm.b
+def _fold_into(norm, readers: list[tuple[torch.Tensor, torch.Tensor]], center: bool, axis: int,
+               more: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
+    """Fold `norm`'s affine part into (W, b) pairs that read its output along `axis` (d_model),
+    and into `more` pairs that read it along axis 0 (an MLP fed by the same norm)."""
+    for W, bias in more:
+        _fold_pair(norm, W, bias, center, 0)
     for W, bias in readers:
-        shape = [1] * W.dim()
-        shape[axis] = -1
-        new_W = W * w.reshape(shape)
-        if b is not None:
-            # b_ln @ W, summed over d_model
-            set_param(bias, bias + torch.tensordot(b, W, dims=([0], [axis])))
-        if center:
-            # LN's output has zero mean, so W's component along the all-ones input direction never matters.
-            new_W = new_W - new_W.mean(dim=axis, keepdim=True)
-        set_param(W, new_W)
+        _fold_pair(norm, W, bias, center, axis)
     norm.w = None
     norm.b = None
+
+
+def _fold_pair(norm, W: torch.Tensor, bias: torch.Tensor, center: bool, axis: int) -> None:
+    w = norm.effective_weight
+    b = norm.b
+    shape = [1] * W.dim()
+    shape[axis] = -1
+    new_W = W * w.reshape(shape)
+    if b is not None:
+        # b_ln @ W, summed over d_model
+        set_param(bias, bias + torch.tensordot(b, W, dims=([0], [axis])))
+    if center:
+        # LN's output has zero mean, so W's component along the all-ones input direction never matters.
+        new_W = new_W - new_W.mean(dim=axis, keepdim=True)
+    set_param(W, new_W)
 
 
 def _fold_ln(model) -> None:
@@ -68,11 +82,17 @@ def _fold_ln(model) -> None:
     center = cfg.normalization_type == "LN"
     for block in model.blocks:
         attn = block.attn
-        _fold_into(block.ln1, [(attn.W_Q, attn.b_Q), (attn._W_K, attn._b_K), (attn._W_V, attn._b_V)], center, axis=1)
+        attn_readers = [(attn.W_Q, attn.b_Q), (attn._W_K, attn._b_K), (attn._W_V, attn._b_V)]
+        mlp_readers = []
         if not cfg.attn_only:
             mlp = block.mlp
-            readers = [(mlp.W_in, mlp.b_in)] + ([(mlp.W_gate, mlp.b_gate)] if mlp.gated else [])
-            _fold_into(block.ln2, readers, center, axis=0)
+            mlp_readers = [(mlp.W_in, mlp.b_in)] + ([(mlp.W_gate, mlp.b_gate)] if mlp.gated else [])
+        if block.ln1 is not None:
+            # A parallel block with one norm: its output feeds the MLP as well.
+            shared = cfg.parallel_attn_mlp and cfg.shared_norm
+            _fold_into(block.ln1, attn_readers, center, axis=1, more=mlp_readers if shared else [])
+        if getattr(block, "ln2", None) is not None:
+            _fold_into(block.ln2, mlp_readers, center, axis=0)
     if model.ln_final is not None and model.unembed is not None:
         model.unembed.untie()
         _fold_into(model.ln_final, [(model.unembed.W_U, model.unembed.b_U)], center, axis=0)
@@ -89,6 +109,16 @@ def _center_writing_weights(model) -> None:
         raise WeightProcessingError(
             f"center_writing_weights relies on LayerNorm removing the mean; this model uses {cfg.normalization_type}, "
             "which keeps it, so centring would change its outputs"
+        )
+    if not cfg.post_ln and not cfg.pre_norm:
+        raise WeightProcessingError(
+            "center_writing_weights: the sublayers read the residual stream without a norm before them "
+            "(norms only after each sublayer), so centring would change what they read"
+        )
+    if cfg.post_ln and not cfg.embed_ln:
+        raise WeightProcessingError(
+            "center_writing_weights: the first block reads the embeddings without a LayerNorm, so centring them "
+            "would change its input"
         )
     if not cfg.post_ln and model.ln_final is None and model.unembed is not None:
         raise WeightProcessingError(
@@ -112,12 +142,22 @@ def _center_writing_weights(model) -> None:
 def _center_unembed(model) -> None:
     if model.unembed is None:
         raise WeightProcessingError("center_unembed: this model has no unembedding")
+    if model.cfg.output_logits_soft_cap is not None:
+        raise WeightProcessingError(
+            "center_unembed: the logits are soft-capped (cap * tanh(logits / cap)), which is not shift-invariant, "
+            "so subtracting each position's mean logit would change the probabilities"
+        )
     model.unembed.untie()
     _center(model.unembed.W_U)
     _center(model.unembed.b_U)
 
 
 def _fold_value_biases(model) -> None:
+    if model.cfg.clip_qkv is not None:
+        raise WeightProcessingError(
+            f"fold_value_biases: v is clamped to +-{model.cfg.clip_qkv} after its bias is added (clip_qkv), so "
+            "moving b_V past the attention would change which values are clipped"
+        )
     for block in model.blocks:
         attn = block.attn
         # Each head's output gets b_V @ W_O whatever it attends to, because its pattern rows sum to 1.

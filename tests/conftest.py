@@ -25,14 +25,7 @@ PROMPTS = [
 TOL = dict(atol=1e-4, rtol=1e-5)
 
 
-def randomize_(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> None:
-    """Give every parameter (norm weights and biases too) a random value, so no term can hide."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen) * std
-            is_norm_weight = ("norm" in name.lower() or "ln" in name.lower()) and name.endswith("weight")
-            p.copy_(1.0 + noise if is_norm_weight else noise)
+from family_specs import randomize_  # noqa: E402  (every parameter random, norm weights around 1)
 
 
 # ---------------------------------------------------------------------- real models
@@ -74,6 +67,24 @@ def bert_tokenizer():
     from models.loading import load_tokenizer
 
     return load_tokenizer(resolve("minilm-l6"))
+
+
+def fake_hub_cache(root, repo_id, source_dir, monkeypatch):
+    """Put `source_dir` where huggingface_hub keeps `repo_id`, offline, so the real hub code path resolves it."""
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(source_dir, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(snapshot.name)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return snapshot
 
 
 # ---------------------------------------------------------------------- small random checkpoints
@@ -202,3 +213,33 @@ def quick_tour(tmp_path_factory):
         for (owner, name), original in saved.items():
             setattr(owner, name, original)
     return index, lines, attempts
+
+
+# ---------------------------------------------------------------------- every decoder family (tests/family_specs.py)
+@pytest.fixture(scope="session")
+def family_tokenizer():
+    from family_specs import word_tokenizer
+
+    return word_tokenizer()
+
+
+def _family_names():
+    from family_specs import SPECS
+
+    return list(SPECS)
+
+
+@pytest.fixture(scope="module", params=_family_names())
+def family(request, tmp_path_factory, family_tokenizer):
+    """(name, the reloaded `transformers` model, our model loaded from the same directory, the directory)."""
+    from transformers import AutoModelForCausalLM
+
+    from family_specs import build_hf
+
+    name = request.param
+    directory = tmp_path_factory.mktemp(name)
+    build_hf(name).save_pretrained(directory)
+    family_tokenizer.save_pretrained(directory)
+    hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32).eval()
+    # The tokenizer object itself: AutoTokenizer would pick a family's own class (Qwen2Tokenizer) for its files.
+    return name, hf, models.load(directory, tokenizer=family_tokenizer), directory

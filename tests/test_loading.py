@@ -10,7 +10,7 @@ import torch
 from torch.testing import assert_close
 
 import models
-from conftest import PROMPTS, TOL
+from conftest import PROMPTS, TOL, fake_hub_cache
 from models.convert import ConversionError, UnsupportedArchitectureError, convert_hf
 from models.registry import MissingPackageError, UnknownModelError
 
@@ -82,24 +82,8 @@ def test_sharded_and_bin_checkpoints(llama_dir, tmp_path):
         assert_close(models.load(directory)(tokens), reference(tokens), atol=0, rtol=0)
 
 
-def _fake_hub_cache(root, repo_id, source_dir):
-    """The on-disk layout huggingface_hub uses, so the real hub code path resolves it offline."""
-    repo = root / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(source_dir, snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(snapshot.name)
-    return snapshot
-
-
 def test_hub_names_resolve_through_the_hub_cache(llama_dir, tmp_path, monkeypatch):
-    _fake_hub_cache(tmp_path / "hub", "tests/tiny-llama", llama_dir)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    import huggingface_hub.constants as hub_constants
-
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    fake_hub_cache(tmp_path / "hub", "tests/tiny-llama", llama_dir, monkeypatch)
     model = models.load("tests/tiny-llama")
     assert_close(model(PROMPTS[0]), models.load(llama_dir)(PROMPTS[0]), atol=0, rtol=0)
 
@@ -119,10 +103,9 @@ def test_a_file_is_not_a_model(tmp_path):
 
 
 def test_unsupported_architecture_names_the_alternatives(tmp_path):
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import MambaConfig, MambaForCausalLM
 
-    hf = GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                          intermediate_size=64, vocab_size=100))
+    hf = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=100, state_size=4))
     with pytest.raises(UnsupportedArchitectureError, match="attach"):
         models.load(hf)
 

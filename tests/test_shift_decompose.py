@@ -152,7 +152,11 @@ def check_against_transformers(model, hf, prompts, side, which, layers=None):
         msg = lambda m: f"layer {L}: {m}"  # noqa: E731
         assert dec.components.shape == (len(targets), len(dec.labels), model.cfg.d_model)
         assert_close(dec.total(), dec.resid, **TOL, msg=msg)
-        assert_close(dec.resid, rec["hidden"][L][rows, cols], **TOL, msg=msg)
+        # As for the components below: rounding scales with the stream's largest entries (SmolLM2's
+        # ~24,000), so an entry of ~4 beside them may differ from transformers' by 1.4e-4 on some CPUs.
+        reference = rec["hidden"][L][rows, cols]
+        atol = TOL["atol"] + TOL["rtol"] * float(reference.abs().max())
+        assert_close(dec.resid, reference, atol=atol, rtol=TOL["rtol"], msg=msg)
         assert_close(dec.resid, ours[L][rows, cols], **TOL, msg=msg)
         if post_ln or L == n:  # pre-LN components do not change with L, so checking the last suffices
             expected = hand_components(hf, rec, tokens, positions, targets, L)

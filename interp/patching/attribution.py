@@ -23,6 +23,7 @@ from interp.patching.engine import PatchingRuns, _labels, _logits_at, _positions
 from interp.patching.metrics import Baselines, MetricContext, as_metric
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise, ablation_source, as_tokens
+from interp.patching.scores import qk_hook_names, score_and_mask
 from interp.patching.sites import enumerate_sites, hook_name
 
 MERGE_TOKENS = 256  # base prompts x positions up to which the source run shares the graph's forward
@@ -56,8 +57,7 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
     kinds = sorted({k for k, _ in sweeps})
     names = [hook_name(kind, layer) for kind in kinds for layer in layers]
     fix = qk_fix and any(k in ("q", "k") for k in kinds)
-    rq, rk = ("attn.hook_rot_q", "attn.hook_rot_k") \
-        if getattr(model.cfg, "positional_embedding_type", None) == "rotary" else ("attn.hook_q", "attn.hook_k")
+    rq, rk = qk_hook_names(model.cfg)
     qk_names = [f"blocks.{layer}.{n}" for layer in layers for n in (rq, rk)] if fix else []
     pattern_names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers] if fix else []
     qk_names = [n for n in qk_names if n not in names]
@@ -189,26 +189,26 @@ def _qk_delta(model, kind, by, layer, acts, source, grads, rq, rk) -> torch.Tens
     # [n, pos, heads, d] -> [n, heads, pos, d], keys repeated to every query head of their group
     q_base, q_src = (t.double().transpose(1, 2) for t in (acts[q_name], source[q_name]))
     k_base, k_src = (t.double().transpose(1, 2).repeat_interleave(n_rep, 1) for t in (acts[k_name], source[k_name]))
-    scale = 1.0 / cfg.scale
     n_pos = pattern.shape[-1]
-    causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=pattern.device).tril() if cfg.causal else \
-        torch.ones(n_pos, n_pos, dtype=torch.bool, device=pattern.device)
+    score, causal = score_and_mask(model, layer, n_pos, pattern.device)  # causal: with any sliding window
     base_pg = (pattern * g).sum(-1)  # [n, h, q]
     if kind == "q" or by == "head":
         # Each query row (q sites) -- or every key at once (k patched at all positions) -- gives a new softmax.
         q_new, k_new = (q_src, k_base) if kind == "q" else (q_base, k_src)
-        scores = (q_new @ k_new.transpose(-1, -2) * scale).masked_fill(~causal, -math.inf)
+        scores = score(q_new @ k_new.transpose(-1, -2)).masked_fill(~causal, -math.inf)
         per_row = (scores.softmax(-1) * g).sum(-1) - base_pg  # [n, h, q]
         if kind == "q":
             return (per_row if by == "head_pos" else per_row.sum(-1)).float()
         return _group(per_row.sum(-1), n_rep).float()  # k by head: [n, kv_heads]
-    # k by head_pos: only column j of row q changes, by ds = q . (k_src_j - k_base_j) * scale. In log space
+    # k by head_pos: only column j of row q changes, by ds = score(q . k_src_j) - score(q . k_base_j). In log space
     # (attention is often peaked, and exp(ds) overflows): the new weight on j is w = sigmoid(x) with
     # x = log a_j + ds - log(1 - a_j), and every other weight is scaled by r = (1 - w) / (1 - a_j).
-    scores = (q_base @ k_base.transpose(-1, -2) * scale).masked_fill(~causal, -math.inf)
+    unmasked = score(q_base @ k_base.transpose(-1, -2))
+    scores = unmasked.masked_fill(~causal, -math.inf)
     log_a = scores.log_softmax(-1)  # [n, h, q, j]
     a = log_a.exp()
-    ds = (q_base * scale) @ (k_src - k_base).transpose(-1, -2)  # [n, h, q, j]
+    # The difference of the scores themselves (exact also through a soft-cap, which is not linear).
+    ds = (score(q_base @ k_src.transpose(-1, -2)) - unmasked).masked_fill(~causal, 0.0)  # [n, h, q, j]
     # log(1 - a_j) and sum_{k != j} a_k g_k, accurately also for a peaked row's top key (a_j ~ 1, where
     # 1 - a_j and base_pg - a_j g_j cancel): for that key they are summed over the other keys directly.
     top = torch.nn.functional.one_hot(log_a.argmax(-1), log_a.shape[-1]).bool()  # [n, h, q, j]

@@ -276,7 +276,14 @@ def _packed(model, prompt, offset, chunk_sites, n_pos, layer, base_cache, kv):
                      n_slots=len(slots_prompts))
     inputs = {"x": x, "positions": tok_pos[None], "attention_allowed": allowed,
               "past_kv": _PackedPrefixKV(kv, slots_prompts, n_pos)}
+    if _has_windows(model):  # sliding windows count positions: give every key's position
+        inputs["key_positions"] = torch.cat([key_pos, tok_pos])[None]
     return batch, inputs
+
+
+def _has_windows(model) -> bool:
+    cfg = model.cfg
+    return bool(getattr(cfg, "sliding_window", None)) and any(cfg.window(l) for l in range(cfg.n_layers))
 
 
 def _patcher(batch: RowBatch, source_cache, kind):

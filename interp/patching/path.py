@@ -31,6 +31,7 @@ from interp.patching.metrics import Baselines, MetricContext, as_metric
 from interp.patching.module_path import is_module_spec, module_path_patch
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise
+from interp.patching.scores import qk_hook_names, score_and_mask
 
 Head = tuple[int, int]
 
@@ -114,8 +115,7 @@ def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid
     pos_mask[list(range(n_pos)) if sender_positions is None else list(sender_positions)] = True
     pos_mask = pos_mask.to(base.tokens.device)
 
-    rq, rk = ("attn.hook_rot_q", "attn.hook_rot_k") if cfg.positional_embedding_type == "rotary" \
-        else ("attn.hook_q", "attn.hook_k")
+    rq, rk = qk_hook_names(model.cfg)
     z_names = [f"blocks.{layer}.attn.hook_z" for layer in range(top)]
     mlp_names = [f"blocks.{layer}.hook_mlp_out" for layer in range(top)] if freeze_mlps and not cfg.attn_only else []
     recv_layers = [] if recv == "resid" else sorted({r[0] for r in recv})
@@ -228,8 +228,7 @@ def _receiver_run(model, base, prompt, recv, recorded, base_cache, positions, rq
         pre = f"blocks.{layer}."
         out = z.clone()
         n_pos = z.shape[1]
-        causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=z.device).tril() if cfg.causal else \
-            torch.ones(n_pos, n_pos, dtype=torch.bool, device=z.device)
+        score, allowed = score_and_mask(model, layer, n_pos, z.device)
         for head, which in by_layer[layer]:
             g = head // n_rep
 
@@ -238,7 +237,7 @@ def _receiver_run(model, base, prompt, recv, recorded, base_cache, positions, rq
                 return src[pre + short][:, :, idx].to(z.dtype)
 
             q, k, v = pick(rq, "q", head), pick(rk, "k", g), pick("attn.hook_v", "v", g)
-            scores = (q @ k.transpose(-1, -2) / cfg.scale).masked_fill(~causal, -math.inf)
+            scores = score(q @ k.transpose(-1, -2)).masked_fill(~allowed, -math.inf)
             out[:, :, head] = scores.softmax(-1, dtype=torch.float32).to(z.dtype) @ v
         return out
 

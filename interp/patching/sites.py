@@ -101,6 +101,9 @@ def enumerate_sites(model, kind: str, by: str, n_pos: int, layers=None) -> tuple
         raise ValueError(f"layers {bad} are outside {model.cfg.model_name}'s 0..{model.cfg.n_layers - 1}")
     if model.cfg.attn_only and kind in ("resid_mid", "mlp_out"):
         raise ValueError(f"{model.cfg.model_name} is attention-only: it has no {kind}")
+    if kind == "resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False):
+        raise ValueError(f"{model.cfg.model_name} runs attention and MLP in parallel from resid_pre: it has no "
+                         "resid_mid; patch resid_pre, attn_out or mlp_out instead")
     H = n_heads_for(model, kind)
     axes = GRIDS[by]
     ranges = {"layer": layers, "head": range(H), "pos": range(n_pos), "dest": range(n_pos), "src": range(n_pos)}

@@ -10,7 +10,9 @@ once its scale is held at the value of the real forward, LN(x) = (x - mean x) / 
 so every earlier term is pushed through (centred, divided by s, times w) and the norm's
 bias becomes a term of its own ("L3 ln1 bias"). The sum stays exact for the forward it
 came from; the terms are attributions under that fixed scale, not what a component would
-give alone.
+give alone. Norms on a sublayer's output (Gemma 2/3's and OLMo 2's ln1_post) are
+linearised the same way, for that layer's heads and attention bias only; MLP outputs
+are read after their ln2_post. Parallel blocks add heads and MLP from the same stream.
 
 Works on any model with TransformerLens-style hooks (`run_with_hooks`, `hook_dict`,
 `blocks[l].attn.W_O/b_O`, norms with `w`, `b`, `hook_scale`) and a forward taking
@@ -179,10 +181,15 @@ def decompose(model, tokens: torch.Tensor, positions: Sequence[int] | int, layer
         names.append(f"blocks.{l}.attn.hook_z")
         if not attn_only:
             names.append(f"blocks.{l}.hook_mlp_out")
+    embed_norm = _embed_norm(model) if post_ln else None
+    # Norms on a sublayer's output before the add (Gemma 2/3, OLMo 2): the heads reach the stream through
+    # ln1_post, linearised at its real scale like the post-LN norms. hook_mlp_out is already after ln2_post.
+    attn_post = [getattr(model.blocks[l], "ln1_post", None) for l in range(layer)]
     if post_ln:  # the real forward's norm scales [batch, pos, 1], to linearise each norm with
-        norms = [_embed_norm(model)] + [model.blocks[l].ln1 for l in range(layer)]
+        norms = ([embed_norm] if embed_norm is not None else []) + [model.blocks[l].ln1 for l in range(layer)]
         norms += [] if attn_only else [model.blocks[l].ln2 for l in range(layer)]
         names += [norm.hook_scale.name for norm in norms]
+    names += [norm.hook_scale.name for norm in attn_post if norm is not None]
 
     store: dict[str, torch.Tensor] = {}
     hook = _gathering_hook(store, rows, cols)
@@ -202,29 +209,33 @@ def decompose(model, tokens: torch.Tensor, positions: Sequence[int] | int, layer
         layer_of.extend([at_layer] * len(new_labels))
         head_of.extend(heads if heads is not None else [None] * len(new_labels))
 
-    def through_norm(norm, label, at_layer):
-        # LN(x) with its scale s fixed is linear: push every term through, then add its bias.
+    def through_norm(norm, label, at_layer, first: int = 0):
+        # LN(x) with its scale s fixed is linear: push every term (from parts[first] on) through, then add its bias.
         scale = store[norm.hook_scale.name].to(dtype)[:, None]  # [n, 1, 1]
-        acc = torch.cat(parts, dim=1)  # [n, k, d_model]
+        acc = torch.cat(parts[first:], dim=1)  # [n, k, d_model]
         if _centres(norm):
             acc = acc - acc.mean(-1, keepdim=True)
         acc = acc / scale
-        if getattr(norm, "w", None) is not None:
-            acc = acc * norm.w.to(dtype)
-        parts[:] = [acc]
+        weight = getattr(norm, "effective_weight", getattr(norm, "w", None))
+        if weight is not None:
+            acc = acc * weight.to(dtype)
+        parts[first:] = [acc]
         if getattr(norm, "b", None) is not None:
             add(norm.b.to(dtype).expand(len(rows), 1, -1), [label], "norm_bias", at_layer)
 
     for label, name in embeds:
         add(store[name][:, None], [label], "embed", -1)
-    if post_ln:
-        through_norm(_embed_norm(model), "embed ln bias", -1)
+    if embed_norm is not None:
+        through_norm(embed_norm, "embed ln bias", -1)
     for l in range(layer):
         attn = model.blocks[l].attn
         z = store[f"blocks.{l}.attn.hook_z"].to(dtype)  # [n, n_heads, d_head], per query head (GQA too)
         heads = torch.einsum("nhk,hkd->nhd", z, attn.W_O.to(dtype))  # only the targets, never hook_result
+        first = len(parts)
         add(heads, [f"L{l}H{h}" for h in range(heads.shape[1])], "head", l, list(range(heads.shape[1])))
         add(attn.b_O.to(dtype).expand(len(rows), 1, -1), [f"L{l} attn bias"], "attn_bias", l)
+        if attn_post[l] is not None:
+            through_norm(attn_post[l], f"L{l} ln1_post bias", l, first)
         if post_ln:
             through_norm(model.blocks[l].ln1, f"L{l} ln1 bias", l)
         if not attn_only:

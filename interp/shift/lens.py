@@ -38,8 +38,8 @@ def check_lens_model(model) -> None:
     """Raise `NoLensError` unless logits are `unembed(ln_final(resid))` for this model."""
     name = getattr(model.cfg, "model_name", type(model).__name__)
     why = None
-    if getattr(model.cfg, "post_ln", False) or not getattr(model.cfg, "causal", True):
-        why = "is an encoder (post-LN, bidirectional): no final norm + unembedding reads its residual stream"
+    if not getattr(model.cfg, "causal", True):
+        why = "is an encoder (bidirectional): no final norm + unembedding reads its residual stream"
     elif getattr(model, "unembed", None) is None:
         why = "has no unembedding"
     elif getattr(model, "mlm_head", None) is not None:
@@ -59,14 +59,17 @@ def logit_lens(model, resid: torch.Tensor) -> torch.Tensor:
     """Logits `[..., d_vocab]` of residual vectors `resid [..., d_model]` from any layer.
 
     The model's own head: `unembed(ln_final(resid))` (RMSNorm for LLaMA/SmolLM2, LayerNorm
-    for GPT-2, nothing for norm-free models), so the final layer's lens equals the logits.
+    for GPT-2, nothing for norm-free models; Gemma 2's final soft-cap after it), so the final
+    layer's lens equals the logits.
     """
     check_lens_model(model)
     W = model.unembed.W_U
     resid = resid.to(device=W.device, dtype=W.dtype)
     if model.ln_final is not None:
         resid = model.ln_final(resid)
-    return model.unembed(resid)
+    logits = model.unembed(resid)
+    cap = getattr(model.cfg, "output_logits_soft_cap", None)
+    return torch.tanh(logits / cap) * cap if cap is not None else logits
 
 
 # ---------------------------------------------------------------------- nearest tokens
