@@ -109,7 +109,8 @@ class ActivationCache(Mapping):
         return torch.stack([self[n] for n in names])
 
     def head_results(self, layer: int) -> torch.Tensor:
-        """Each head's output `[batch, pos, n_heads, d_model]` (attn_out = their sum + b_O).
+        """Each head's output `[batch, pos, n_heads, d_model]` (attn_out = their sum + b_O, except in
+        families with a norm after attention, Gemma 2/3 and OLMo 2, where attn_out is ln1_post of it).
 
         The cached `hook_result` if there is one, else computed from the cached `hook_z`
         and the layer's W_O, so a default cache (which leaves hook_result out) has it too.

@@ -29,6 +29,7 @@ def load(
     center_unembed: bool = False,
     fold_value_biases: bool = False,
     name: str | None = None,
+    revision: str | None = None,
 ) -> HookedTransformer:
     """Load a HookedTransformer.
 
@@ -37,7 +38,11 @@ def load(
     (only when a hub is reachable), or a constructed `transformers` model (pass its
     tokenizer too). The weights come back exactly as in the checkpoint unless you ask
     for processing; they are frozen (no autograd graph) until `requires_grad_(True)`.
+    revision: a hub branch, tag or commit (Pythia's training checkpoints are branches:
+    `models.load("EleutherAI/pythia-70m", revision="step3000")`).
     """
+    if revision is not None and not isinstance(source, str):
+        raise ValueError("revision= picks a version of a hub name; give the hub name as a string")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if isinstance(source, nn.Module):
@@ -50,7 +55,7 @@ def load(
     elif str(source).endswith(".pt") and Path(str(source)).expanduser().is_file():
         model = _load_nanogpt(Path(str(source)).expanduser(), tokenizer, name)
     else:
-        directory, label = _locate(str(source))
+        directory, label = _locate(str(source), revision)
         model = load_directory(directory, tokenizer, name=name or label)
     model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
@@ -74,7 +79,9 @@ def _load_nanogpt(path: Path, tokenizer, name: str | None) -> HookedTransformer:
     return _build(cfg, weights, tokenizer, f"nanoGPT checkpoint {path}")
 
 
-def _locate(source: str) -> tuple[Path, str]:
+def _locate(source: str, revision: str | None = None) -> tuple[Path, str]:
+    if revision is not None:
+        return _from_hub(source, revision), f"{source}@{revision}"
     if source in REGISTRY:
         return resolve(source), source
     path = Path(source).expanduser()
@@ -85,19 +92,18 @@ def _locate(source: str) -> tuple[Path, str]:
     return _from_hub(source), source
 
 
-def _from_hub(name: str) -> Path:
+def _from_hub(name: str, revision: str | None = None) -> Path:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     known = ", ".join(sorted(REGISTRY))
-    if "/" not in name and not offline:
-        pass  # single-word hub names (gpt2) exist; let the hub decide
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name, local_files_only=offline))
+        return Path(snapshot_download(name, revision=revision, local_files_only=offline))
     except Exception as exc:  # not cached / not found / no network: one clear message
+        what = f"{name!r}" + (f" at revision {revision!r}" if revision is not None else "")
         why = "HF_HUB_OFFLINE=1 and it is not in the local hub cache" if offline else f"the hub said: {exc}"
         raise UnknownModelError(
-            f"cannot load {name!r}: it is not a registered name ({known}), not a local directory, and {why}"
+            f"cannot load {what}: it is not a registered name ({known}), not a local directory, and {why}"
         ) from None
 
 

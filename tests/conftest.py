@@ -69,17 +69,19 @@ def bert_tokenizer():
     return load_tokenizer(resolve("minilm-l6"))
 
 
-def fake_hub_cache(root, repo_id, source_dir, monkeypatch):
-    """Put `source_dir` where huggingface_hub keeps `repo_id`, offline, so the real hub code path resolves it."""
+def fake_hub_cache(root, repo_id, source_dir, monkeypatch, revision: str = "main"):
+    """Put `source_dir` where huggingface_hub keeps `repo_id` at `revision`, offline, so the real hub code
+    path resolves it."""
+    import hashlib
     import shutil
 
     import huggingface_hub.constants as hub_constants
 
     repo = root / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / hashlib.sha1(revision.encode()).hexdigest()
     shutil.copytree(source_dir, snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(snapshot.name)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(snapshot.name)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(root))
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(root))

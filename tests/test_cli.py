@@ -34,6 +34,7 @@ def test_every_command_runs_with_sockets_blocked(offline, llama_dir, tmp_path, c
     prompts.write_text("The mole dug a tunnel.\nOne mole of gas.\n")
     runs = {
         "models": ["models"],
+        "models --families": ["models", "--families"],
         "heads": ["heads", "--model", "attn-only-2l", "--out", str(tmp_path / "heads")],
         "patch": ["patch", "--model", str(llama_dir), "--clean", CLEAN, "--corrupted", CORRUPTED, "--answer", " Mary",
                   "--wrong", " John", "--out", str(tmp_path / "patch")],
@@ -46,6 +47,9 @@ def test_every_command_runs_with_sockets_blocked(offline, llama_dir, tmp_path, c
     for name, argv in runs.items():
         assert cli_main(argv) == 0, f"interp {name}: {capsys.readouterr().err}"
     assert offline == [], "a command tried to open a network connection"
+    from models.convert import support_table
+
+    assert support_table() in capsys.readouterr().out
     for page in ("heads/index.html", "patch/index.html", "circuits/index.html", "shift/index.html"):
         assert (tmp_path / page).exists(), page
 

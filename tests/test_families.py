@@ -158,6 +158,24 @@ def test_hub_name_loads_through_the_hub_cache(family, tmp_path, monkeypatch):
     assert_close(from_hub(tokens, attention_mask=mask), model(tokens, attention_mask=mask), atol=0, rtol=0)
 
 
+def test_training_checkpoints_load_by_revision(tmp_path, monkeypatch):
+    """Pythia's training checkpoints are hub branches (step1000, ...): revision= picks one."""
+    from conftest import fake_hub_cache
+
+    for revision, seed in (("main", 0), ("step1000", 1)):
+        directory = tmp_path / revision
+        build_hf("gpt_neox", seed=seed).save_pretrained(directory)
+        fake_hub_cache(tmp_path / "hub", "EleutherAI/pythia-test", directory, monkeypatch, revision=revision)
+    tokens, mask, _ = padded_batch("gpt_neox")
+    early = models.load("EleutherAI/pythia-test", revision="step1000")
+    assert_close(early(tokens, attention_mask=mask), models.load(tmp_path / "step1000")(tokens, attention_mask=mask),
+                 atol=0, rtol=0)
+    final = models.load("EleutherAI/pythia-test")
+    assert not torch.allclose(final(tokens, attention_mask=mask), early(tokens, attention_mask=mask))
+    with pytest.raises(models.UnknownModelError, match="step2000"):
+        models.load("EleutherAI/pythia-test", revision="step2000")
+
+
 def test_saved_model_reloads_exactly(family, tmp_path):
     name, _, model, _ = family
     model.save(tmp_path)
