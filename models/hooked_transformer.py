@@ -1,10 +1,11 @@
-"""HookedTransformer: one forward for GPT-2, LLaMA, BERT and attention-only models.
+"""HookedTransformer: one forward for every family (models.convert.FAMILIES), BERT and attention-only models.
 
 The forward, readable in one sitting:
 
-    tokens -> hook_embed (+ hook_pos_embed) (+ token types) (-> ln_embed for BERT)
-           -> blocks[start:stop]   (each: resid_pre -> attn -> resid_mid -> mlp -> resid_post)
-           -> ln_final -> (mlm_head) -> unembed -> logits
+    tokens -> hook_embed (x embed_scale) (+ hook_pos_embed) (+ token types) (-> ln_embed)
+           -> blocks[start:stop]   (models/block.py: sequential, parallel or post-LN; norms before
+                                    and/or after each sublayer)
+           -> ln_final -> (mlm_head) -> unembed (-> soft-cap) -> logits
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from interp.factored_matrix import FactoredMatrix
 from interp.hooks import HookedRootModule, HookPoint
 from models.attention import AttentionFrame, KVCache
 from models.block import Block
 from models.components import Embed, MLMHead, Norm, PosEmbed, TokenTypeEmbed, Unembed
 from models.config import TransformerConfig
 from models.rotary import Rotary
+from models.weight_views import NoUnembedError, WeightViews
 from models.tokenizer import (
     ContextLengthError,
     Tokenized,
@@ -29,11 +30,7 @@ from models.tokenizer import (
 )
 
 
-class NoUnembedError(RuntimeError):
-    """Logits were asked of a checkpoint that has no output head."""
-
-
-class HookedTransformer(HookedRootModule):
+class HookedTransformer(WeightViews, HookedRootModule):
     """A transformer whose every activation is a named hook point (see DESIGN.md for the names).
 
     Build one from a config (random weights, e.g. to train) or load a checkpoint with
@@ -334,86 +331,6 @@ class HookedTransformer(HookedRootModule):
         if ids.numel() != 1:
             raise ValueError(f"{text!r} is {ids.numel()} tokens, not one: {self.to_str_tokens(text, prepend_bos=False)}")
         return int(ids[0])
-
-    # ------------------------------------------------------------------ weights
-    def _stack(self, owner: str, name: str) -> torch.Tensor:
-        parts = []
-        for block in self.blocks:
-            module = getattr(block, owner, None)
-            if module is None:
-                raise AttributeError(f"{self.cfg.model_name} has no {owner} (attention-only model?)")
-            parts.append(getattr(module, name))
-        return torch.stack(parts)
-
-    # Stacked over layers: [n_layers, ...]. These are copies; edit model.blocks[l] to change weights.
-    W_Q = property(lambda self: self._stack("attn", "W_Q"))
-    W_K = property(lambda self: self._stack("attn", "W_K"))
-    W_V = property(lambda self: self._stack("attn", "W_V"))
-    W_O = property(lambda self: self._stack("attn", "W_O"))
-    b_Q = property(lambda self: self._stack("attn", "b_Q"))
-    b_K = property(lambda self: self._stack("attn", "b_K"))
-    b_V = property(lambda self: self._stack("attn", "b_V"))
-    b_O = property(lambda self: self._stack("attn", "b_O"))
-    _W_K = property(lambda self: self._stack("attn", "_W_K"))
-    _W_V = property(lambda self: self._stack("attn", "_W_V"))
-    _b_K = property(lambda self: self._stack("attn", "_b_K"))
-    _b_V = property(lambda self: self._stack("attn", "_b_V"))
-    W_in = property(lambda self: self._stack("mlp", "W_in"))
-    W_gate = property(lambda self: self._stack("mlp", "W_gate"))
-    W_out = property(lambda self: self._stack("mlp", "W_out"))
-    b_in = property(lambda self: self._stack("mlp", "b_in"))
-    b_out = property(lambda self: self._stack("mlp", "b_out"))
-
-    @property
-    def W_E(self) -> torch.Tensor:
-        return self.embed.W_E
-
-    @property
-    def W_pos(self) -> torch.Tensor:
-        if self.cfg.positional_embedding_type != "standard":
-            raise AttributeError(f"{self.cfg.model_name} has no learned positions ({self.cfg.positional_embedding_type})")
-        return self.pos_embed.W_pos
-
-    @property
-    def W_U(self) -> torch.Tensor:
-        if self.unembed is None:
-            raise NoUnembedError(f"{self.cfg.model_name} has no unembedding")
-        return self.unembed.W_U
-
-    @property
-    def b_U(self) -> torch.Tensor:
-        if self.unembed is None:
-            raise NoUnembedError(f"{self.cfg.model_name} has no unembedding")
-        return self.unembed.b_U
-
-    @property
-    def QK(self) -> FactoredMatrix:
-        """`[n_layers, n_heads, d_model, d_model]`: W_Q W_K^T, so x_q QK x_k^T = q.k, the scores before
-        the scale 1/attn_scale, the rotary, biases and any soft-cap (which then gives
-        cap * tanh(q.k / (attn_scale cap))). x is what attention reads (ln1's output).
-
-        Raises CircuitError for models with q/k norms (Gemma 3, Qwen3, OLMo 2, ...) or with
-        clip_qkv (OLMo): there the scores are not a bilinear form of the residual stream.
-        """
-        from interp.circuits import CircuitError, circuit_limits
-
-        why = circuit_limits(self.cfg).get("QK")
-        if why:
-            raise CircuitError(f"model.QK is not defined for {self.cfg.model_name}: {why}. The projections are "
-                               "model.W_Q / model.W_K; hook_rot_q / hook_rot_k hold the queries and keys the scores "
-                               "are made of.")
-        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
-
-    @property
-    def OV(self) -> FactoredMatrix:
-        """`[n_layers, n_heads, d_model, d_model]`: W_V W_O, what a head writes per unit of attention.
-
-        With post-sublayer norms (Gemma 2/3, OLMo 2) this is what the head writes into
-        ln1_post, before that norm divides the summed attention output by its rms and
-        multiplies by its weight; `interp.circuits` functions that need the write into the
-        residual stream refuse such models.
-        """
-        return FactoredMatrix(self.W_V, self.W_O)
 
     # ------------------------------------------------------------------ conveniences
     def block_output_hook_name(self, layer: int) -> str:

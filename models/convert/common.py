@@ -200,3 +200,11 @@ def take_heads(r: StateDictReader, out: dict, o: str, names: dict[str, str], n_h
     bias = r.take_optional(names["o"] + ".bias")
     if bias is not None:
         out[o + "attn.b_O"] = bias
+
+
+def take_gpt2_style_rest(r: StateDictReader, out: dict, p: str, o: str) -> None:
+    """GPT-2's block around the attention, with nn.Linear MLP weights (GPT-Neo, GPT-BigCode):
+    `ln_1`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`."""
+    take_norm(r, out, o + "ln1", p + "ln_1")
+    take_norm(r, out, o + "ln2", p + "ln_2")
+    take_mlp(r, out, o, p + "mlp.c_fc", p + "mlp.c_proj")

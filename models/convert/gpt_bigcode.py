@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from models.config import TransformerConfig
 from models.convert.common import (
-    StateDictReader, act_fn, architecture, nn_linear_heads_in, nn_linear_heads_out, take_mlp, take_norm, token_ids,
+    StateDictReader, act_fn, architecture, nn_linear_heads_in, nn_linear_heads_out, take_gpt2_style_rest, take_norm,
+    token_ids,
 )
 
 
@@ -38,9 +39,7 @@ def convert(hf, state_dict, model_name):
             out[o + "attn." + ours.replace("W", "b")] = bias.reshape(n, dh)
         out[o + "attn.W_O"] = nn_linear_heads_out(r.take(p + "attn.c_proj.weight"), h, dh)
         out[o + "attn.b_O"] = r.take(p + "attn.c_proj.bias")
-        take_norm(r, out, o + "ln1", p + "ln_1")
-        take_norm(r, out, o + "ln2", p + "ln_2")
-        take_mlp(r, out, o, p + "mlp.c_fc", p + "mlp.c_proj")
+        take_gpt2_style_rest(r, out, p, o)
     take_norm(r, out, "ln_final", "ln_f")
     if not tied:
         out["unembed.W_U"] = lm_head.T

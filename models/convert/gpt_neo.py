@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from models.config import TransformerConfig
 from models.convert.common import (
-    StateDictReader, act_fn, architecture, refuse, take_heads, take_mlp, take_norm, token_ids,
+    StateDictReader, act_fn, architecture, refuse, take_gpt2_style_rest, take_heads, take_norm, token_ids,
 )
 
 
@@ -35,9 +35,7 @@ def convert(hf, state_dict, model_name):
         p, o = f"h.{l}.", f"blocks.{l}."
         a = p + "attn.attention."
         take_heads(r, out, o, {k: a + f"{k}_proj" for k in "qkv"} | {"o": a + "out_proj"}, h, h, dh)
-        take_norm(r, out, o + "ln1", p + "ln_1")
-        take_norm(r, out, o + "ln2", p + "ln_2")
-        take_mlp(r, out, o, p + "mlp.c_fc", p + "mlp.c_proj")
+        take_gpt2_style_rest(r, out, p, o)
     take_norm(r, out, "ln_final", "ln_f")
     if not tied:
         out["unembed.W_U"] = lm_head.T
