@@ -34,6 +34,7 @@ Nothing here materialises a d_vocab x d_vocab matrix unless you ask (`.AB`);
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -93,7 +94,9 @@ def prepare(model):
     if getattr(model.cfg, "post_ln", False):
         raise ValueError("weight-only circuits are defined for pre-LN models; this one is post-LN")
     prepared = copy.deepcopy(model)
-    prepared.process_weights(fold_ln=True, center_writing_weights=norm == "LN")
+    with warnings.catch_warnings():  # norms fold_ln leaves are what circuit_limits refuses on
+        warnings.filterwarnings("ignore", message="fold_ln folded")
+        prepared.process_weights(fold_ln=True, center_writing_weights=norm == "LN")
     return prepared
 
 

@@ -19,6 +19,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from models.layout import set_param
@@ -97,6 +99,12 @@ def _fold_ln(model) -> None:
         model.unembed.untie()
         _fold_into(model.ln_final, [(model.unembed.W_U, model.unembed.b_U)], center, axis=0)
     cfg.normalization_type = "LNPre" if cfg.normalization_type == "LN" else "RMSPre"
+    kept = [name for name, on in (("ln1_post/ln2_post (after their sublayers)", cfg.post_sublayer_norm),
+                                  ("attn.q_norm/k_norm (before the rotary)", cfg.qk_norm)) if on]
+    if kept:
+        # Not an error: what could be folded was, exactly; these norms have no linear reader to absorb them.
+        warnings.warn(f"fold_ln folded the norms before each sublayer and the final norm; {' and '.join(kept)} "
+                      "keep their weights, because no weight can absorb them exactly", stacklevel=4)
 
 
 def _center(param: torch.Tensor) -> None:
