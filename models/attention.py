@@ -167,7 +167,8 @@ class Attention(nn.Module):
     hook_result [b, p, n_heads, d_model] (computed only when hooked).
 
     Family switches (TransformerConfig): q/k norms (`q_norm`, `k_norm`, their own hook
-    points, between hook_q/hook_k and the rotary), `clip_qkv` (before hook_q/k/v),
+    points, between hook_q/hook_k and the rotary), `clip_qkv` (before hook_q/k/v; with q/k norms, q and k
+    are clamped after their norm instead, as OLMoE does),
     soft-capped scores (hook_attn_scores is after the cap and the mask), sliding windows
     (`cfg.window(layer)`), a second rotary table for local layers, GPT-J's interleaved rotary.
     """
@@ -252,10 +253,13 @@ class Attention(nn.Module):
         return allowed
 
     # ------------------------------------------------------------------ forward
-    def _project(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, clip: bool = True) -> torch.Tensor:
         out = F.linear(x, linear_in_heads(W), _flat(b))
+        return self._clip(out) if clip else out
+
+    def _clip(self, t: torch.Tensor) -> torch.Tensor:
         clip = self.cfg.clip_qkv
-        return out.clamp(min=-clip, max=clip) if clip is not None else out
+        return t.clamp(min=-clip, max=clip) if clip is not None else t
 
     def _qk_norm(self, norm: Norm, t: torch.Tensor) -> torch.Tensor:
         if self.cfg.qk_norm == "full":
@@ -266,11 +270,12 @@ class Attention(nn.Module):
         # x: [batch, pos, d_model] -> attn_out: [batch, pos, d_model]
         b, p, _ = x.shape
         h, kv, dh = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head
-        q = self.hook_q(self._project(x, self.W_Q, self.b_Q).view(b, p, h, dh))
-        k = self.hook_k(self._project(x, self._W_K, self._b_K).view(b, p, kv, dh))
+        normed = self.q_norm is not None
+        q = self.hook_q(self._project(x, self.W_Q, self.b_Q, clip=not normed).view(b, p, h, dh))
+        k = self.hook_k(self._project(x, self._W_K, self._b_K, clip=not normed).view(b, p, kv, dh))
         v = self.hook_v(self._project(x, self._W_V, self._b_V).view(b, p, kv, dh))
-        if self.q_norm is not None:
-            q, k = self._qk_norm(self.q_norm, q), self._qk_norm(self.k_norm, k)
+        if normed:
+            q, k = self._clip(self._qk_norm(self.q_norm, q)), self._clip(self._qk_norm(self.k_norm, k))
         if frame.rotary is not None:
             cos, sin = frame.cos_sin(x.dtype, self.local_rotary)
             adjacent = self.cfg.rotary_adjacent_pairs

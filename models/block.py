@@ -21,6 +21,7 @@ from interp.hooks import HookPoint
 from models.attention import Attention, AttentionFrame
 from models.components import MLP, Norm
 from models.config import TransformerConfig
+from models.moe import MoE
 
 
 class Block(nn.Module):
@@ -45,7 +46,7 @@ class Block(nn.Module):
             # A parallel block whose MLP reads ln1's output has no second pre-norm.
             self.ln2 = Norm(cfg) if pre and not (cfg.parallel_attn_mlp and cfg.shared_norm) else None
             self.ln2_post = Norm(cfg, kind=cfg.base_norm_type) if post else None
-            self.mlp = MLP(cfg)
+            self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
             if not cfg.parallel_attn_mlp:
                 self.hook_resid_mid = HookPoint()
             self.hook_mlp_out = HookPoint()

@@ -133,16 +133,17 @@ class MLP(nn.Module):
     hook_post: [batch, pos, d_mlp] what W_out reads.
     """
 
-    def __init__(self, cfg: TransformerConfig) -> None:
+    def __init__(self, cfg: TransformerConfig, d_mlp: int | None = None) -> None:
         super().__init__()
+        d_mlp = d_mlp or cfg.d_mlp  # another width: an MoE's shared expert
         self.gated = cfg.gated_mlp
         self.act = activation(cfg.act_fn)
-        self.W_in = in_out(cfg.d_model, cfg.d_mlp)
-        self.b_in = nn.Parameter(torch.zeros(cfg.d_mlp))
+        self.W_in = in_out(cfg.d_model, d_mlp)
+        self.b_in = nn.Parameter(torch.zeros(d_mlp))
         if self.gated:
-            self.W_gate = in_out(cfg.d_model, cfg.d_mlp)
-            self.b_gate = nn.Parameter(torch.zeros(cfg.d_mlp))
-        self.W_out = in_out(cfg.d_mlp, cfg.d_model)
+            self.W_gate = in_out(cfg.d_model, d_mlp)
+            self.b_gate = nn.Parameter(torch.zeros(d_mlp))
+        self.W_out = in_out(d_mlp, cfg.d_model)
         self.b_out = nn.Parameter(torch.zeros(cfg.d_model))
         self.hook_pre = HookPoint()
         if self.gated:

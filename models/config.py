@@ -68,6 +68,14 @@ class TransformerConfig:
     rotary_base_local: float | None = None  # a second rotary table for sliding layers (Gemma 3)
     rotary_scaling_local: dict | None = None
     embed_scale: float | None = None  # embeddings x scale, the scale cast to the weights' dtype first (Gemma)
+    # ---- mixture of experts (TransformerLens' num_experts / experts_per_token)
+    num_experts: int = 0  # 0: dense MLPs
+    experts_per_token: int = 0
+    d_mlp_expert: int | None = None  # each expert's hidden width (None: d_mlp)
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1 (Mixtral, Qwen3-MoE)
+    router_weights_fp32: bool = False  # weight the experts' outputs in float32 before the cast (Mixtral)
+    d_mlp_shared: int | None = None  # a shared expert of this width, gated by sigmoid(x W_shared_gate) (Qwen2-MoE)
+    dense_layers: list[int] | None = None  # layers whose MLP stays dense (width d_mlp) in an MoE model
     d_vocab_out: int | None = None  # None: d_vocab
     model_name: str = "custom"
     original_architecture: str | None = None
@@ -117,6 +125,11 @@ class TransformerConfig:
                 raise ValueError(f"layer_types may hold 'full_attention' and 'sliding_attention', got {sorted(unknown)}")
             if "sliding_attention" in self.layer_types and not self.sliding_window:
                 raise ValueError("layer_types has sliding layers but sliding_window is not set")
+        if self.num_experts:
+            if not 0 < self.experts_per_token <= self.num_experts:
+                raise ValueError(f"experts_per_token={self.experts_per_token} must be in 1..num_experts={self.num_experts}")
+            if self.d_mlp is None:
+                raise ValueError("a mixture of experts needs d_mlp (the experts' width, or the dense layers')")
         if self.embed_ln is None:
             self.embed_ln = self.post_ln
 
@@ -148,6 +161,10 @@ class TransformerConfig:
         if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
             return self.sliding_window
         return None
+
+    def is_moe(self, layer: int) -> bool:
+        """Does `layer`'s MLP route tokens to experts?"""
+        return bool(self.num_experts) and layer not in (self.dense_layers or ())
 
     def is_local(self, layer: int) -> bool:
         return self.window(layer) is not None

@@ -38,7 +38,7 @@ class HookedTransformer(WeightViews, HookedRootModule):
     built unless you ask for gradients (`model.requires_grad_(True)` to fine-tune).
     """
 
-    opt_in_hooks = ("hook_result",)
+    opt_in_hooks = ("hook_result", "hook_experts")
     # forward() can resume at a layer from a residual stream with a frozen key/value prefix
     # (start_at_layer + past_kv + logit_positions): the patching engine's fast path.
     supports_resume = True

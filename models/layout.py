@@ -29,6 +29,11 @@ def per_head_out(n_heads: int, d_head: int, d_model: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(d_model, n_heads * d_head).T.view(n_heads, d_head, d_model))
 
 
+def per_expert_out(n_experts: int, d_mlp: int, d_model: int) -> nn.Parameter:
+    """`[n_experts, d_mlp, d_model]` (an expert's W_out), stored as `[n_experts, d_model, d_mlp]` (nn.Linear's)."""
+    return nn.Parameter(torch.empty(n_experts, d_model, d_mlp).permute(0, 2, 1))
+
+
 def linear_in_heads(W: torch.Tensor) -> torch.Tensor:
     """`[n, d_model, d_head]` -> the `[n * d_head, d_model]` weight F.linear takes."""
     n, d_model, d_head = W.shape

@@ -46,16 +46,25 @@ def process_weights(model, fold_ln=False, center_writing_weights=False, center_u
     return model
 
 
-def _fold_into(norm, readers: list[tuple[torch.Tensor, torch.Tensor]], center: bool, axis: int,
-               more: list[tuple[torch.Tensor, torch.Tensor]] = ()) -> None:
-    """Fold `norm`'s affine part into (W, b) pairs that read its output along `axis` (d_model),
-    and into `more` pairs that read it along axis 0 (an MLP fed by the same norm)."""
-    for W, bias in more:
-        _fold_pair(norm, W, bias, center, 0)
-    for W, bias in readers:
+def _fold_into(norm, readers: list[tuple[torch.Tensor, torch.Tensor | None, int]], center: bool) -> None:
+    """Fold `norm`'s affine part into the (W, b, axis) that read its output (axis: W's d_model axis)."""
+    for W, bias, axis in readers:
         _fold_pair(norm, W, bias, center, axis)
     norm.w = None
     norm.b = None
+
+
+def _mlp_readers(mlp) -> list[tuple[torch.Tensor, torch.Tensor | None, int]]:
+    """Every weight that reads the MLP's input: a dense MLP's W_in (W_gate), or an MoE's router, experts and
+    shared expert (with its gate)."""
+    from models.moe import MoE
+
+    if not isinstance(mlp, MoE):
+        return [(mlp.W_in, mlp.b_in, 0)] + ([(mlp.W_gate, mlp.b_gate, 0)] if mlp.gated else [])
+    readers = [(mlp.W_router, None, 0), (mlp.W_gate, None, 1), (mlp.W_in, None, 1)]
+    if mlp.shared is not None:
+        readers += _mlp_readers(mlp.shared) + [(mlp.W_shared_gate, None, 0)]
+    return readers
 
 
 def _fold_pair(norm, W: torch.Tensor, bias: torch.Tensor, center: bool, axis: int) -> None:
@@ -65,6 +74,8 @@ def _fold_pair(norm, W: torch.Tensor, bias: torch.Tensor, center: bool, axis: in
     shape[axis] = -1
     new_W = W * w.reshape(shape)
     if b is not None:
+        if bias is None:
+            raise WeightProcessingError("fold_ln: a LayerNorm bias would fold into a weight that has no bias")
         # b_ln @ W, summed over d_model
         set_param(bias, bias + torch.tensordot(b, W, dims=([0], [axis])))
     if center:
@@ -84,20 +95,17 @@ def _fold_ln(model) -> None:
     center = cfg.normalization_type == "LN"
     for block in model.blocks:
         attn = block.attn
-        attn_readers = [(attn.W_Q, attn.b_Q), (attn._W_K, attn._b_K), (attn._W_V, attn._b_V)]
-        mlp_readers = []
-        if not cfg.attn_only:
-            mlp = block.mlp
-            mlp_readers = [(mlp.W_in, mlp.b_in)] + ([(mlp.W_gate, mlp.b_gate)] if mlp.gated else [])
+        attn_readers = [(attn.W_Q, attn.b_Q, 1), (attn._W_K, attn._b_K, 1), (attn._W_V, attn._b_V, 1)]
+        mlp_readers = [] if cfg.attn_only else _mlp_readers(block.mlp)
         if block.ln1 is not None:
             # A parallel block with one norm: its output feeds the MLP as well.
             shared = cfg.parallel_attn_mlp and cfg.shared_norm
-            _fold_into(block.ln1, attn_readers, center, axis=1, more=mlp_readers if shared else [])
+            _fold_into(block.ln1, attn_readers + (mlp_readers if shared else []), center)
         if getattr(block, "ln2", None) is not None:
-            _fold_into(block.ln2, mlp_readers, center, axis=0)
+            _fold_into(block.ln2, mlp_readers, center)
     if model.ln_final is not None and model.unembed is not None:
         model.unembed.untie()
-        _fold_into(model.ln_final, [(model.unembed.W_U, model.unembed.b_U)], center, axis=0)
+        _fold_into(model.ln_final, [(model.unembed.W_U, model.unembed.b_U, 0)], center)
     cfg.normalization_type = "LNPre" if cfg.normalization_type == "LN" else "RMSPre"
     kept = [name for name, on in (("ln1_post/ln2_post (after their sublayers)", cfg.post_sublayer_norm),
                                   ("attn.q_norm/k_norm (before the rotary)", cfg.qk_norm)) if on]
@@ -143,8 +151,12 @@ def _center_writing_weights(model) -> None:
         _center(block.attn.W_O)
         _center(block.attn.b_O)
         if not cfg.attn_only:
-            _center(block.mlp.W_out)
-            _center(block.mlp.b_out)
+            mlp = block.mlp
+            for dense in [mlp] if not hasattr(mlp, "W_router") else ([mlp.shared] if mlp.shared is not None else []):
+                _center(dense.W_out)
+                _center(dense.b_out)
+            if hasattr(mlp, "W_router"):
+                _center(mlp.W_out)  # every expert's [d_mlp_expert, d_model]
 
 
 def _center_unembed(model) -> None:

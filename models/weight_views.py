@@ -23,6 +23,9 @@ class WeightViews:
             if module is None:
                 raise AttributeError(f"{self.cfg.model_name} has no {owner} (attention-only model?)")
             parts.append(getattr(module, name))
+        if len({tuple(t.shape) for t in parts}) > 1:
+            raise ValueError(f"{owner}.{name} differs in shape between layers (dense and mixture-of-experts MLPs): "
+                             f"read it per layer, model.blocks[l].{owner}.{name}")
         return torch.stack(parts)
 
     # Stacked over layers: [n_layers, ...]. These are copies; edit model.blocks[l] to change weights.

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 VOCAB = 1000
+ROUTER_STD = 2.0
 D, H, KV, DH, LAYERS, CTX, WINDOW = 64, 4, 2, 24, 3, 64, 5
 
 
@@ -24,6 +25,7 @@ class Spec:
     o_proj: str  # the attention output projection, relative to a decoder layer
     off: dict = field(default_factory=dict)  # {switch: config overrides that turn it off}
     tokens: int = 14  # prompt length of the test batch
+    partial: bool = False  # the spec rotates only part of each head (partial rotary < 1)
 
 
 def _llama_like(**extra):
@@ -40,15 +42,15 @@ SPECS: dict[str, Spec] = {
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
         "attention.dense", off={"parallel": dict(use_parallel_residual=False),
                                 "partial rotary": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                        "partial_rotary_factor": 1.0})}),
+                                                                        "partial_rotary_factor": 1.0})}, partial=True),
     "gpt_neox_sequential": Spec("GPTNeoXConfig", dict(
         hidden_size=D, num_attention_heads=H, num_hidden_layers=LAYERS, intermediate_size=96, vocab_size=VOCAB,
         max_position_embeddings=CTX, use_parallel_residual=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
-        "attention.dense"),
+        "attention.dense", partial=True),
     "gptj": Spec("GPTJConfig", dict(n_embd=D, n_head=H, n_layer=LAYERS, rotary_dim=8, n_positions=CTX,
                                     vocab_size=VOCAB, n_inner=96), "attn.out_proj",
-                 off={"partial rotary": dict(rotary_dim=16)}),
+                 off={"partial rotary": dict(rotary_dim=16)}, partial=True),
     "gpt_neo": Spec("GPTNeoConfig", dict(
         hidden_size=D, num_heads=H, num_layers=LAYERS, vocab_size=VOCAB, max_position_embeddings=CTX,
         intermediate_size=96, window_size=WINDOW, attention_types=[[["global", "local"], 1], [["local"], 1]]),
@@ -90,24 +92,37 @@ SPECS: dict[str, Spec] = {
         hidden_size=D, num_attention_heads=H, num_key_value_heads=KV, num_hidden_layers=LAYERS, intermediate_size=96,
         vocab_size=VOCAB, max_position_embeddings=CTX, qk_layernorm=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-        "self_attn.dense", off={"q/k LayerNorm": dict(qk_layernorm=False)}),
+        "self_attn.dense", off={"q/k LayerNorm": dict(qk_layernorm=False)}, partial=True),
     # transformers validates LongRoPE's factors against hidden_size / n_heads, not head_dim: keep them equal.
     "phi3": Spec("Phi3Config", _llama_like(
         head_dim=None, sliding_window=WINDOW,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                          "original_max_position_embeddings": 8,
                          "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0, 4.0, 8.0, 5.0]}),
-        "self_attn.o_proj", off={"sliding window": dict(sliding_window=None)}),
+        "self_attn.o_proj", off={"sliding window": dict(sliding_window=None)}, partial=True),
     "stablelm": Spec("StableLmConfig", dict(
         hidden_size=D, num_attention_heads=H, num_key_value_heads=KV, num_hidden_layers=LAYERS, intermediate_size=96,
         vocab_size=VOCAB, max_position_embeddings=CTX, use_qkv_bias=True, qk_layernorm=True, use_parallel_residual=True,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
-        "self_attn.o_proj", off={"q/k LayerNorm": dict(qk_layernorm=False)}),
+        "self_attn.o_proj", off={"q/k LayerNorm": dict(qk_layernorm=False)}, partial=True),
     "stablelm_sequential": Spec("StableLmConfig", dict(
         hidden_size=D, num_attention_heads=H, num_key_value_heads=H, num_hidden_layers=LAYERS, intermediate_size=96,
         vocab_size=VOCAB, max_position_embeddings=CTX, use_qkv_bias=False, use_parallel_residual=False,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-        "self_attn.o_proj"),
+        "self_attn.o_proj", partial=True),
+    # Mixtures of experts: 4 experts, 2 per token; router weights scaled up (ROUTER_STD) so the top-k choice
+    # has margins no float noise can flip.
+    "mixtral": Spec("MixtralConfig", _llama_like(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+                    "self_attn.o_proj"),
+    "qwen2_moe": Spec("Qwen2MoeConfig", _llama_like(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40, shared_expert_intermediate_size=56,
+        norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1]), "self_attn.o_proj",
+        off={"norm_topk_prob": dict(norm_topk_prob=True)}),
+    "qwen3_moe": Spec("Qwen3MoeConfig", _llama_like(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+                                                    norm_topk_prob=True), "self_attn.o_proj",
+                      off={"norm_topk_prob": dict(norm_topk_prob=False)}),
+    "olmoe": Spec("OlmoeConfig", _llama_like(head_dim=None, num_experts=4, num_experts_per_tok=2, clip_qkv=0.6),
+                  "self_attn.o_proj", off={"clip_qkv": dict(clip_qkv=None)}),
     "gpt_bigcode": Spec("GPTBigCodeConfig", dict(n_embd=D, n_head=H, n_layer=LAYERS, n_positions=CTX, vocab_size=VOCAB,
                                                  n_inner=96, multi_query=True), "attn.c_proj"),
     "gpt_bigcode_mha": Spec("GPTBigCodeConfig", dict(n_embd=D, n_head=H, n_layer=LAYERS, n_positions=CTX,
@@ -141,6 +156,10 @@ def build_hf(name: str, seed: int = 0, attn: str = "eager", **overrides):
     model = AutoModelForCausalLM.from_config(hf_config(name, **overrides), attn_implementation=attn,
                                              dtype=torch.float32).eval()
     randomize_(model, seed=seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("mlp.gate.weight"):  # an MoE router: well-separated logits
+                p.mul_(ROUTER_STD / 0.1)
     return model
 
 

@@ -91,9 +91,10 @@ def test_windows_are_shorter_than_the_prompt(family):
     cfg = model.cfg
     windows = {cfg.window(layer) for layer in range(cfg.n_layers)} - {None}
     assert all(w < SPECS[name].tokens for w in windows)
-    if cfg.positional_embedding_type == "rotary" and name not in ("gemma", "gemma2", "gemma3", "qwen3", "mistral",
-                                                                  "qwen2_sliding", "olmo", "olmo2", "phi3"):
+    if SPECS[name].partial:
         assert cfg.rotary_dim < cfg.d_head, "partial rotary where the family has it"
+    if SPECS[name].kwargs.get("head_dim"):
+        assert cfg.d_head != cfg.d_model // cfg.n_heads
 
 
 # ---------------------------------------------------------------------- patching against plain torch hooks

@@ -24,7 +24,7 @@ from interp.patching.metrics import Baselines, MetricContext, as_metric
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise, ablation_source, as_tokens
 from interp.patching.scores import qk_hook_names, score_and_mask
-from interp.patching.sites import enumerate_sites, hook_name
+from interp.patching.sites import default_layers, enumerate_sites, hook_name
 
 MERGE_TOKENS = 256  # base prompts x positions up to which the source run shares the graph's forward
 
@@ -53,9 +53,10 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
     n_pos = runs.n_pos
     positions = _positions(metric, n_pos)
     grids = {sweep: enumerate_sites(model, sweep[0], sweep[1], n_pos, layers)[1:] for sweep in sweeps}  # validates
+    kind_layers = {k: default_layers(model, k) if layers is None else list(layers) for k, _ in sweeps}
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     kinds = sorted({k for k, _ in sweeps})
-    names = [hook_name(kind, layer) for kind in kinds for layer in layers]
+    names = [hook_name(kind, layer) for kind in kinds for layer in kind_layers[kind]]
     fix = qk_fix and any(k in ("q", "k") for k in kinds)
     rq, rk = qk_hook_names(model.cfg)
     qk_names = [f"blocks.{layer}.{n}" for layer in layers for n in (rq, rk)] if fix else []
@@ -134,7 +135,7 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
         t0 = time.perf_counter()
         deltas = []
         use_fix = qk_fix and kind in ("q", "k")
-        for layer in layers:
+        for layer in kind_layers[kind]:
             name = hook_name(kind, layer)
             if name not in grads:  # the metric does not depend on this site (e.g. after the read position)
                 grads[name] = torch.zeros_like(acts[name])
@@ -147,7 +148,7 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
         if metric.normalized:
             per_prompt = baselines.normalize(per_prompt)
         shape, axes = grids[(kind, by)]
-        labels = _labels(model, axes, shape, layers, base.tokens, kind)
+        labels = _labels(model, axes, shape, kind_layers[kind], base.tokens, kind)
         results[(kind, by)] = PatchResult(
             kind, by, axes, labels, per_prompt, metric.name, label, baselines.clean, baselines.corrupted,
             metric.normalized, forwards=2, seconds=seconds + time.perf_counter() - t0,

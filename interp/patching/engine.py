@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from interp.patching.metrics import Baselines, Metric, MetricContext, as_metric
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise, PromptLengthError, Run, ablation_source, as_tokens, check_pairs
-from interp.patching.sites import RowBatch, enumerate_sites, hook_name
+from interp.patching.sites import KINDS, RowBatch, default_layers, enumerate_sites, hook_name, is_template
 
 
 class _RecordKV:
@@ -307,7 +307,8 @@ def _patcher(batch: RowBatch, source_cache, kind):
 
 
 def _labels(model, axes, shape, layers, tokens, kind) -> dict[str, list[str]]:
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    layers = default_layers(model, kind) if layers is None else list(layers)
+    head = "E" if not is_template(kind) and KINDS.get(kind, (None, None))[1] == "experts" else "H"
     pos_labels = [f"{i}" for i in range(tokens.shape[1])]
     if getattr(model, "tokenizer", None) is not None:
         pos_labels = [f"{i} {t}" for i, t in enumerate(model.to_str_tokens(tokens[0]))]
@@ -316,7 +317,7 @@ def _labels(model, axes, shape, layers, tokens, kind) -> dict[str, list[str]]:
         if axis == "layer":
             out[axis] = [f"L{l}" for l in layers]
         elif axis == "head":
-            out[axis] = [f"H{h}" for h in range(n)]
+            out[axis] = [f"{head}{h}" for h in range(n)]
         else:
             out[axis] = pos_labels[:n]
     return out

@@ -33,7 +33,12 @@ KINDS: dict[str, tuple[str, str | None]] = {
     "v": ("blocks.{layer}.attn.hook_v", "kv_heads"),
     "result": ("blocks.{layer}.attn.hook_result", "heads"),
     "pattern": ("blocks.{layer}.attn.hook_pattern", "heads"),
+    # Mixture-of-experts layers: the router's logits (whole vector per position) and each expert's weighted
+    # contribution (the "head" axis counts experts; zeroing one removes it without re-routing).
+    "router_logits": ("blocks.{layer}.mlp.hook_router_logits", None),
+    "expert": ("blocks.{layer}.mlp.hook_experts", "experts"),
 }
+MOE_KINDS = ("router_logits", "expert")
 GRIDS = {
     "layer_pos": ("layer", "pos"),
     "layer": ("layer",),
@@ -81,7 +86,20 @@ def n_heads_for(model, kind: str) -> int:
     what = KINDS[kind][1]
     if what is None:
         return 0
+    if what == "experts":
+        return model.cfg.num_experts
     return model.cfg.n_kv_heads if what == "kv_heads" else model.cfg.n_heads
+
+
+def _is_moe(model, layer: int) -> bool:
+    is_moe = getattr(model.cfg, "is_moe", None)
+    return bool(is_moe(layer)) if is_moe is not None else False
+
+
+def default_layers(model, kind: str) -> list[int]:
+    """Every layer, or for router / expert sites every mixture-of-experts layer."""
+    layers = list(range(model.cfg.n_layers))
+    return [layer for layer in layers if _is_moe(model, layer)] if kind in MOE_KINDS else layers
 
 
 def enumerate_sites(model, kind: str, by: str, n_pos: int, layers=None) -> tuple[list[Site], tuple[int, ...], tuple[str, ...]]:
@@ -95,10 +113,15 @@ def enumerate_sites(model, kind: str, by: str, n_pos: int, layers=None) -> tuple
                          f"sweep it by {'head_pos or head' if per_head else 'layer_pos or layer'}, not {by!r}")
     if by == "dest_src" and kind != "pattern":
         raise ValueError("dest_src sweeps patch single attention weights: use kind='pattern'")
-    layers = list(range(model.cfg.n_layers)) if layers is None else [int(layer) for layer in layers]
+    layers = default_layers(model, kind) if layers is None else [int(layer) for layer in layers]
     bad = [layer for layer in layers if not 0 <= layer < model.cfg.n_layers]
     if bad:
         raise ValueError(f"layers {bad} are outside {model.cfg.model_name}'s 0..{model.cfg.n_layers - 1}")
+    if kind in MOE_KINDS:
+        dense = [layer for layer in layers if not _is_moe(model, layer)]
+        if dense:
+            raise ValueError(f"{kind!r} sites need mixture-of-experts layers; layers {dense} of "
+                             f"{model.cfg.model_name} have dense MLPs (MoE layers: {default_layers(model, kind)})")
     if model.cfg.attn_only and kind in ("resid_mid", "mlp_out"):
         raise ValueError(f"{model.cfg.model_name} is attention-only: it has no {kind}")
     if kind == "resid_mid" and getattr(model.cfg, "parallel_attn_mlp", False):

@@ -62,6 +62,17 @@ FAMILIES: list[Family] = [
     Family("Phi-3", ("phi3",), ("Phi3ForCausalLM",), llama.convert,
            "as LLaMA with fused qkv_proj and gate_up_proj, sliding window on every layer, LongRoPE",
            notes="rope types other than default/longrope are refused"),
+    Family("Mixtral", ("mixtral",), ("MixtralForCausalLM",), llama.convert,
+           "as Mistral + a mixture of experts: softmax, top-k, renormalised; expert weights fused (in memory) or "
+           "per expert (on disk)", notes="hook_router_logits / expert_weights / expert_indices / expert_out / experts"),
+    Family("Qwen2-MoE", ("qwen2_moe",), ("Qwen2MoeForCausalLM",), llama.convert,
+           "as Qwen2 + experts (top-k, renormalised or not) and a shared expert scaled by a sigmoid gate; dense "
+           "layers from mlp_only_layers / decoder_sparse_step", notes="hook_shared_expert_out"),
+    Family("Qwen3-MoE", ("qwen3_moe",), ("Qwen3MoeForCausalLM",), llama.convert,
+           "as Qwen3 (per-head q/k norms) + experts with normalised top-k", circuits="OV (QK: q/k norms)"),
+    Family("OLMoE", ("olmoe",), ("OlmoeForCausalLM",), llama.convert,
+           "LLaMA-style pre-norms, q/k RMSNorm over the full width then clip_qkv, experts (top-k)",
+           circuits="none exact (q/k norms, clip_qkv)", notes="routing schemes other than softmax top-k are refused"),
     Family("GPT-NeoX / Pythia", ("gpt_neox",), ("GPTNeoXForCausalLM",), gpt_neox.convert,
            "parallel attention and MLP through two LayerNorms, fused per-head QKV, partial rotary",
            notes="use_parallel_residual=False converts as a sequential block"),

@@ -17,6 +17,7 @@ from models.convert.common import (
     StateDictReader, act_fn, architecture, attention_windows, nn_linear_heads_in, nn_linear_heads_out, refuse,
     refuse_true, rope_config, token_ids,
 )
+from models.convert.moe import moe_config, take_moe
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Layout:
     every_layer_window: bool = False  # sliding_window without layer_types applies to every layer
     gemma: int = 0  # Gemma generation: 1, 2 or 3
     olmo: int = 0
+    moe: bool = False  # mixture-of-experts MLPs (models/convert/moe.py)
 
 
 LAYOUTS = {
@@ -46,6 +48,10 @@ LAYOUTS = {
                                  ("pre_feedforward_layernorm", "ln2"), ("post_feedforward_layernorm", "ln2_post")),
                           qk_norm="head", gemma=3),
     "phi3": Layout(fused=True, every_layer_window=True),
+    "mixtral": Layout(every_layer_window=True, moe=True),
+    "qwen2_moe": Layout(moe=True),
+    "qwen3_moe": Layout(qk_norm="head", every_layer_window=True, moe=True),
+    "olmoe": Layout(qk_norm="full", olmo=3, moe=True),
 }
 
 
@@ -66,6 +72,10 @@ def _switches(hf, layout: Layout, model_name: str, d: int, dh: int) -> dict:
         out.update(normalization_type="LNPre", norm_eps=1e-5, clip_qkv=getattr(hf, "clip_qkv", None))
     if layout.olmo == 2:
         out.update(pre_norm=False, post_sublayer_norm=True, norm_weight_in_fp32=True)
+    if layout.olmo == 3:  # OLMoE: pre-norms as LLaMA, q/k norms over the full width, then clip_qkv
+        out.update(clip_qkv=getattr(hf, "clip_qkv", None))
+    if layout.moe:
+        out.update(moe_config(hf, hf.model_type, model_name))
     if layout.qk_norm:
         out.update(qk_norm=layout.qk_norm, qk_norm_type="RMS")
     return out
@@ -141,7 +151,9 @@ def convert(hf, state_dict, model_name):
         for theirs, ours in layout.norms:
             out[o + ours + ".w"] = r.take(p + f"{theirs}.weight")
         m = p + "mlp."
-        if layout.fused:
+        if layout.moe and cfg.is_moe(l):
+            take_moe(r, out, p, o, cfg.num_experts, mixtral=hf.model_type == "mixtral")
+        elif layout.fused:
             # Phi-3: gate_up_proj holds [gate; up] along its output.
             out[o + "mlp.W_gate"], out[o + "mlp.W_in"] = (w.T for w in r.take(m + "gate_up_proj.weight").chunk(2, dim=0))
             out[o + "mlp.W_out"] = r.take(m + "down_proj.weight").T
