@@ -88,8 +88,10 @@ class AttentionFrame:
         rotary: "dict[str, Rotary] | Rotary | None",
         allowed: torch.Tensor | None = None,
         key_positions: torch.Tensor | None = None,
+        causal: bool | None = None,
     ) -> None:
         self.cfg = cfg
+        self.causal = cfg.causal if causal is None else causal  # an encoder-decoder's encoder is bidirectional
         self.n_query = n_query
         self.positions = positions  # [batch, n_query]
         self.key_mask = key_mask  # [batch, n_past + n_query] bool, or None when nothing is padded
@@ -103,6 +105,8 @@ class AttentionFrame:
         self._explicit = allowed is not None
         self.key_positions = key_positions  # [batch or 1, n_keys]: windows over an explicit mask need them
         self._allowed: dict[int | None, torch.Tensor] = {}
+        self.position_bias: torch.Tensor | None = None  # [1 or batch, heads, q, k], T5's relative positions
+        self.memory = None  # what cross-attention reads (None: this is a self-attention frame)
 
     def cos_sin(self, dtype: torch.dtype, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         which = "local" if local and "local" in self.rotary else "global"
@@ -114,10 +118,10 @@ class AttentionFrame:
         """False when SDPA's own `is_causal` (or no mask at all) says everything."""
         if self.key_mask is not None or self._explicit or window is not None:
             return True
-        return self.cfg.causal and self.offset > 0 and self.n_query > 1
+        return self.causal and self.offset > 0 and self.n_query > 1
 
     def sdpa_is_causal(self, window: int | None = None) -> bool:
-        return (self.cfg.causal and self.offset == 0 and self.n_query > 1 and self.key_mask is None
+        return (self.causal and self.offset == 0 and self.n_query > 1 and self.key_mask is None
                 and not self._explicit and window is None)
 
     def allowed(self, window: int | None = None) -> torch.Tensor:
@@ -142,7 +146,7 @@ class AttentionFrame:
         allowed = torch.ones(1, 1, self.n_query, n_key, dtype=torch.bool, device=device)
         q_idx = torch.arange(self.offset, n_key, device=device)[:, None]
         k_idx = torch.arange(n_key, device=device)[None, :]
-        if self.cfg.causal:
+        if self.causal:
             allowed = allowed & (k_idx <= q_idx)
         if window is not None:
             # transformers' rule, on indices (equal to positions among a row's real tokens): q - k < window.
@@ -153,6 +157,32 @@ class AttentionFrame:
             # all -inf (NaN would leak through the zero weights of later layers).
             allowed = allowed | ~allowed.any(-1, keepdim=True)
         return allowed
+
+
+class CrossFrame:
+    """What a decoder's cross-attention reads: the encoder's output and which of its positions are real."""
+
+    rotary = None
+    past_kv = None
+    position_bias = None
+
+    def __init__(self, memory: torch.Tensor, key_mask: torch.Tensor | None) -> None:
+        self.memory = memory  # [batch, n_encoder_pos, d_model]
+        self.key_mask = key_mask  # [batch, n_encoder_pos] bool, or None when nothing is padded
+        self._allowed = None
+
+    def needs_mask(self, window: int | None = None) -> bool:
+        return self.key_mask is not None
+
+    def sdpa_is_causal(self, window: int | None = None) -> bool:
+        return False
+
+    def allowed(self, window: int | None = None) -> torch.Tensor:
+        """`[batch, 1, 1, n_encoder_pos]`: every decoder position reads every real encoder position."""
+        if self._allowed is None:
+            allowed = self.key_mask[:, None, None, :]
+            self._allowed = allowed | ~allowed.any(-1, keepdim=True)  # an all-padding row: no NaN
+        return self._allowed
 
 
 # ---------------------------------------------------------------------- attention
@@ -173,10 +203,12 @@ class Attention(nn.Module):
     (`cfg.window(layer)`), a second rotary table for local layers, GPT-J's interleaved rotary.
     """
 
-    def __init__(self, cfg: TransformerConfig, layer: int) -> None:
+    def __init__(self, cfg: TransformerConfig, layer: int, cross: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.layer = layer
+        self.cross = cross  # reads keys and values from the encoder's output (frame.memory)
+        self.causal = cfg.causal and not cross  # an encoder's blocks set it False
         h, kv, d, dh = cfg.n_heads, cfg.n_kv_heads, cfg.d_model, cfg.d_head
         self.W_Q = per_head_in(h, d, dh)
         self._W_K = per_head_in(kv, d, dh)
@@ -186,12 +218,12 @@ class Attention(nn.Module):
         self._b_K = nn.Parameter(torch.zeros(kv, dh))
         self._b_V = nn.Parameter(torch.zeros(kv, dh))
         self.b_O = nn.Parameter(torch.zeros(d))
-        self.window = cfg.window(layer)
+        self.window = None if cross else cfg.window(layer)
         self.local_rotary = self.window is not None and cfg.rotary_base_local is not None
         self.implementation = "auto"  # "auto", "explicit" (always materialise the pattern) or "sdpa"
         for name in ("q", "k", "v", "attn_scores", "pattern", "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
-        if cfg.positional_embedding_type == "rotary":
+        if cfg.positional_embedding_type == "rotary" and not cross:
             self.hook_rot_q = HookPoint()
             self.hook_rot_k = HookPoint()
         self.q_norm = self.k_norm = None
@@ -246,7 +278,7 @@ class Attention(nn.Module):
         (causal, within this layer's window). Path and attribution patching recompute patterns with it."""
         idx = torch.arange(n_pos, device=device)
         allowed = torch.ones(n_pos, n_pos, dtype=torch.bool, device=device)
-        if self.cfg.causal:
+        if self.causal:
             allowed = allowed & (idx[None] <= idx[:, None])
         if self.window is not None:
             allowed = allowed & (idx[:, None] - idx[None] < self.window)
@@ -271,9 +303,11 @@ class Attention(nn.Module):
         b, p, _ = x.shape
         h, kv, dh = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head
         normed = self.q_norm is not None
+        src = frame.memory if self.cross else x  # cross-attention: keys and values from the encoder
+        n = src.shape[1]
         q = self.hook_q(self._project(x, self.W_Q, self.b_Q, clip=not normed).view(b, p, h, dh))
-        k = self.hook_k(self._project(x, self._W_K, self._b_K, clip=not normed).view(b, p, kv, dh))
-        v = self.hook_v(self._project(x, self._W_V, self._b_V).view(b, p, kv, dh))
+        k = self.hook_k(self._project(src, self._W_K, self._b_K, clip=not normed).view(b, n, kv, dh))
+        v = self.hook_v(self._project(src, self._W_V, self._b_V).view(b, n, kv, dh))
         if normed:
             q, k = self._clip(self._qk_norm(self.q_norm, q)), self._clip(self._qk_norm(self.k_norm, k))
         if frame.rotary is not None:
@@ -289,11 +323,17 @@ class Attention(nn.Module):
         if self.uses_explicit_path():
             z = self._explicit(q, k, v, frame, n_rep)
         else:
-            mask = frame.allowed(self.window) if frame.needs_mask(self.window) else None
+            is_causal = frame.sdpa_is_causal(self.window)
+            bias = frame.position_bias
+            mask = frame.allowed(self.window) if frame.needs_mask(self.window) or (bias is not None and is_causal) \
+                else None
+            if bias is not None:  # T5: the bias rides in a float mask, the causal mask inside it
+                bias = bias.to(q.dtype)
+                mask, is_causal = (bias if mask is None else bias.masked_fill(~mask, float("-inf"))), False
             if n_rep > 1 and mask is not None:
                 k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=frame.sdpa_is_causal(self.window),
+                q, k, v, attn_mask=mask, is_causal=is_causal,
                 scale=1.0 / self.cfg.scale, enable_gqa=n_rep > 1 and mask is None,
             )
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, n_heads, d_head]
@@ -306,6 +346,8 @@ class Attention(nn.Module):
         if n_rep > 1:
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         scores = self.scores_from_dots(torch.matmul(q, k.transpose(-1, -2)))  # [b, h, q, k]
+        if frame.position_bias is not None:
+            scores = scores + frame.position_bias
         if frame.needs_mask(self.window) or frame.sdpa_is_causal(self.window):
             scores = scores.masked_fill(~frame.allowed(self.window), float("-inf"))
         scores = self.hook_attn_scores(scores)

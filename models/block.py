@@ -6,6 +6,11 @@
     norms after the sublayers only (OLMo 2): as above without ln1/ln2
     post-LN (BERT, OPT-350m):             mid = ln1(pre + attn(pre));         post = ln2(mid + mlp(mid))
 
+A decoder block of an encoder-decoder model (`cross=True`) adds cross-attention over the
+encoder's output between the two, with TransformerLens' T5 names: `ln2` before (pre-norm,
+T5) or after (post-LN, BART) `cross_attn`, `hook_cross_attn_out`, `hook_resid_mid_cross`,
+and `ln3` for the MLP.
+
 `hook_attn_out` and `hook_mlp_out` are exactly what is added to the residual stream
 (after a post-sublayer norm), so `resid_mid = resid_pre + attn_out` holds in every
 pre-norm family, and `resid_post = resid_pre + attn_out + mlp_out` in parallel blocks,
@@ -18,7 +23,7 @@ import torch
 from torch import nn
 
 from interp.hooks import HookPoint
-from models.attention import Attention, AttentionFrame
+from models.attention import Attention, AttentionFrame, CrossFrame
 from models.components import MLP, Norm
 from models.config import TransformerConfig
 from models.moe import MoE
@@ -30,10 +35,11 @@ class Block(nn.Module):
     blocks also have hook_normalized_resid_post: the block's output, which the next block reads.
     """
 
-    def __init__(self, cfg: TransformerConfig, layer: int) -> None:
+    def __init__(self, cfg: TransformerConfig, layer: int, cross: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.layer = layer
+        self.cross = cross
         has_norm = cfg.normalization_type is not None
         pre = has_norm and (cfg.pre_norm or cfg.post_ln)
         post = has_norm and cfg.post_sublayer_norm
@@ -42,9 +48,15 @@ class Block(nn.Module):
         self.attn = Attention(cfg, layer)
         self.hook_resid_pre = HookPoint()
         self.hook_attn_out = HookPoint()
+        if cross:
+            self.ln2 = Norm(cfg) if has_norm else None
+            self.cross_attn = Attention(cfg, layer, cross=True)
+            self.hook_cross_attn_out = HookPoint()
+            self.hook_resid_mid_cross = HookPoint()
         if not cfg.attn_only:
             # A parallel block whose MLP reads ln1's output has no second pre-norm.
-            self.ln2 = Norm(cfg) if pre and not (cfg.parallel_attn_mlp and cfg.shared_norm) else None
+            mlp_norm = Norm(cfg) if pre and not (cfg.parallel_attn_mlp and cfg.shared_norm) else None
+            setattr(self, "ln3" if cross else "ln2", mlp_norm)
             self.ln2_post = Norm(cfg, kind=cfg.base_norm_type) if post else None
             self.mlp = MoE(cfg) if cfg.is_moe(layer) else MLP(cfg)
             if not cfg.parallel_attn_mlp:
@@ -54,10 +66,17 @@ class Block(nn.Module):
         if cfg.post_ln:
             self.hook_normalized_resid_post = HookPoint()
 
-    def forward(self, resid: torch.Tensor, frame: AttentionFrame) -> torch.Tensor:
-        # resid: [batch, pos, d_model]
+    @property
+    def mlp_norm(self) -> Norm | None:
+        """The norm before (or, post-LN, after) the MLP: ln2, or ln3 in a block with cross-attention."""
+        return getattr(self, "ln3" if self.cross else "ln2", None)
+
+    def forward(self, resid: torch.Tensor, frame: AttentionFrame, cross: CrossFrame | None = None) -> torch.Tensor:
+        # resid: [batch, pos, d_model]; cross: the encoder's output, for a decoder block of an encoder-decoder
+        if self.cross and cross is None:
+            raise ValueError("a decoder block with cross-attention needs the encoder's output")
         if self.cfg.post_ln:
-            return self._post_ln(resid, frame)
+            return self._post_ln(resid, frame, cross)
         resid_pre = self.hook_resid_pre(resid)
         attn_in = self.ln1(resid_pre) if self.ln1 is not None else resid_pre
         attn_out = self.attn(attn_in, frame)
@@ -71,7 +90,11 @@ class Block(nn.Module):
             mlp_out = self.hook_mlp_out(self._mlp(mlp_in))
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
-        mlp_in = self.ln2(resid_mid) if self.ln2 is not None else resid_mid
+        if self.cross:
+            cross_in = self.ln2(resid_mid) if self.ln2 is not None else resid_mid
+            resid_mid = self.hook_resid_mid_cross(resid_mid + self.hook_cross_attn_out(self.cross_attn(cross_in, cross)))
+        norm = self.mlp_norm
+        mlp_in = norm(resid_mid) if norm is not None else resid_mid
         mlp_out = self.hook_mlp_out(self._mlp(mlp_in))
         return self.hook_resid_post(resid_mid + mlp_out)
 
@@ -79,13 +102,17 @@ class Block(nn.Module):
         out = self.mlp(x)
         return self.ln2_post(out) if self.ln2_post is not None else out
 
-    def _post_ln(self, resid: torch.Tensor, frame: AttentionFrame) -> torch.Tensor:
+    def _post_ln(self, resid: torch.Tensor, frame: AttentionFrame, cross: CrossFrame | None = None) -> torch.Tensor:
         # BERT: x = LN1(x + attn(x)); x = LN2(x + mlp(x)). Names follow TransformerLens' BertBlock.
+        # BART's decoder: x = LN2(x + cross_attn(x)) between the two, and the MLP's norm is ln3.
         resid_pre = self.hook_resid_pre(resid)
         attn_out = self.hook_attn_out(self.attn(resid_pre, frame))
         if self.cfg.attn_only:
             return self.hook_normalized_resid_post(self.ln1(self.hook_resid_post(resid_pre + attn_out)))
         resid_mid = self.ln1(self.hook_resid_mid(resid_pre + attn_out))
+        if self.cross:
+            cross_out = self.hook_cross_attn_out(self.cross_attn(resid_mid, cross))
+            resid_mid = self.ln2(self.hook_resid_mid_cross(resid_mid + cross_out))
         mlp_out = self.hook_mlp_out(self.mlp(resid_mid))
         resid_post = self.hook_resid_post(resid_mid + mlp_out)
-        return self.hook_normalized_resid_post(self.ln2(resid_post))
+        return self.hook_normalized_resid_post(self.mlp_norm(resid_post))

@@ -36,7 +36,7 @@ class TransformerConfig:
     gated_mlp: bool = False
     normalization_type: str | None = "LN"
     norm_eps: float = 1e-5
-    positional_embedding_type: str = "standard"  # "standard" (learned), "rotary" or "none"
+    positional_embedding_type: str = "standard"  # "standard" (learned), "rotary", "sinusoidal", "relative" or "none"
     rotary_dim: int | None = None  # None: the whole head
     rotary_base: float = 10000.0
     rotary_scaling: dict | None = None  # HF rope_parameters for non-default rope types
@@ -76,6 +76,15 @@ class TransformerConfig:
     router_weights_fp32: bool = False  # weight the experts' outputs in float32 before the cast (Mixtral)
     d_mlp_shared: int | None = None  # a shared expert of this width, gated by sigmoid(x W_shared_gate) (Qwen2-MoE)
     dense_layers: list[int] | None = None  # layers whose MLP stays dense (width d_mlp) in an MoE model
+    # ---- encoder-decoder (HookedEncoderDecoder): n_layers counts the encoder's blocks
+    encoder_decoder: bool = False
+    n_decoder_layers: int | None = None  # None: n_layers
+    relative_attention_num_buckets: int = 32  # T5's relative position buckets ("relative" positions)
+    relative_attention_max_distance: int = 128
+    output_scale: float | None = None  # the decoder output x scale before the unembedding (T5's tied head)
+    embed_scale_in_dtype: bool = True  # the embedding scale rounded to the weights' dtype first (Gemma; not BART)
+    decoder_start_token_id: int | None = None
+    separate_decoder_embed: bool = False  # the decoder has its own token embedding (Marian, unshared)
     d_vocab_out: int | None = None  # None: d_vocab
     model_name: str = "custom"
     original_architecture: str | None = None
@@ -103,7 +112,7 @@ class TransformerConfig:
             raise ValueError(f"act_fn {self.act_fn!r} is not supported; choose one of {ACT_FNS}")
         if self.normalization_type not in NORM_TYPES:
             raise ValueError(f"normalization_type must be one of {NORM_TYPES}, got {self.normalization_type!r}")
-        if self.positional_embedding_type not in ("standard", "rotary", "none"):
+        if self.positional_embedding_type not in ("standard", "rotary", "sinusoidal", "relative", "none"):
             raise ValueError(f"positional_embedding_type {self.positional_embedding_type!r} is not supported")
         if self.post_ln and self.normalization_type is None:
             raise ValueError("post_ln needs a normalization_type")

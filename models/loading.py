@@ -155,8 +155,11 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     raise UnknownModelError(f"{directory} has no model.safetensors or pytorch_model.bin")
 
 
-def _build(cfg: TransformerConfig, weights: dict, tokenizer, source: str) -> HookedTransformer:
-    model = HookedTransformer(cfg, tokenizer=tokenizer, init_weights=False)
+def _build(cfg: TransformerConfig, weights: dict, tokenizer, source: str):
+    from models.encoder_decoder import HookedEncoderDecoder
+
+    model = (HookedEncoderDecoder if cfg.encoder_decoder else HookedTransformer)(cfg, tokenizer=tokenizer,
+                                                                                   init_weights=False)
     model.source = source
     expected = model.state_dict()
     unexpected = set(weights) - set(expected)

@@ -297,3 +297,53 @@ def brute_force(hf, name, base, source, kind, n_heads, d_head, metric):
     for (s, b), v in zip(rows, values):
         out[b, s] = v
     return out.view(n, layers, *([n_heads] if kind != "resid_pre" else []), n_pos)
+
+
+# ---------------------------------------------------------------------- encoder-decoder families
+def _t5(**extra):
+    # Default buckets (32, max distance 128): beyond 8 positions bidirectional and causal buckets differ, and the
+    # test's decoder inputs are 18 tokens.
+    return {**dict(d_model=D, d_kv=DH, d_ff=96, num_layers=2, num_decoder_layers=3, num_heads=H, vocab_size=VOCAB,
+                   feed_forward_proj="relu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=2), **extra}
+
+
+def _bart_like(**extra):
+    return {**dict(d_model=D, encoder_layers=2, decoder_layers=3, encoder_attention_heads=H, decoder_attention_heads=H,
+                   encoder_ffn_dim=96, decoder_ffn_dim=96, vocab_size=VOCAB, max_position_embeddings=CTX,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2,
+                   forced_bos_token_id=None, forced_eos_token_id=None), **extra}
+
+
+ENCDEC_SPECS: dict[str, tuple[str, dict]] = {
+    "t5": ("T5Config", _t5()),
+    "flan_t5": ("T5Config", _t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "bart": ("BartConfig", _bart_like(scale_embedding=True, activation_function="gelu")),
+    "marian": ("MarianConfig", _bart_like(decoder_vocab_size=VOCAB, scale_embedding=True, activation_function="swish",
+                                          decoder_start_token_id=0)),
+    "marian_unshared": ("MarianConfig", _bart_like(decoder_vocab_size=VOCAB, scale_embedding=True,
+                                                   share_encoder_decoder_embeddings=False, decoder_start_token_id=0)),
+}
+
+
+def build_seq2seq(name: str, seed: int = 0):
+    """A randomly initialised `transformers` encoder-decoder (eager attention, float32, eval mode)."""
+    import transformers
+
+    cls, kwargs = ENCDEC_SPECS[name]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(getattr(transformers, cls)(**kwargs),
+                                                           attn_implementation="eager", dtype=torch.float32).eval()
+    randomize_(model, seed=seed + 1)
+    return model
+
+
+def seq2seq_batch(seed: int = 0):
+    """(source [3, 20], its mask with left padding in two rows, decoder input [3, 18] from the start token)."""
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(3, VOCAB, (3, 20), generator=gen)
+    mask = torch.ones_like(src)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    src = src.masked_fill(mask == 0, 0)
+    tgt = torch.randint(3, VOCAB, (3, 18), generator=gen)
+    return src, mask, tgt

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from models.convert import bert, gpt2, gpt_bigcode, gpt_neo, gpt_neox, gptj, llama, opt, phi, stablelm
+from models.convert import bart, bert, gpt2, gpt_bigcode, gpt_neo, gpt_neox, gptj, llama, opt, phi, stablelm, t5
 from models.convert.common import ConversionError, UnsupportedArchitectureError
 
 
@@ -91,6 +91,18 @@ FAMILIES: list[Family] = [
            "(a weight per head) on the larger checkpoints", circuits="QK, OV (QK refused with qk_layernorm)"),
     Family("GPT-BigCode", ("gpt_bigcode",), ("GPTBigCodeForCausalLM",), gpt_bigcode.convert,
            "multi-query attention, fused c_attn (nn.Linear), learned positions"),
+    Family("T5 / flan-T5 / mT5", ("t5", "mt5"), ("T5ForConditionalGeneration", "MT5ForConditionalGeneration"),
+           t5.convert, "encoder-decoder; RMSNorm without mean, relative position buckets per stack (bidirectional / "
+           "causal) in a hooked bias, no 1/sqrt(d_head), ReLU or gated-GELU, tied head x d_model^-1/2 or untied",
+           circuits="QK, OV, cross QK / OV per stack (the position bias is added to the scores)",
+           fold_ln="refused (encoder-decoder)", notes="HookedEncoderDecoder: encoder.blocks.* / decoder.blocks.*"),
+    Family("BART", ("bart",), ("BartForConditionalGeneration",), bart.convert,
+           "encoder-decoder; post-LN, learned positions (offset 2), embedding LayerNorm, final_logits_bias",
+           circuits="QK, OV, cross QK / OV per stack", fold_ln="refused (post-LN)"),
+    Family("Marian", ("marian",), ("MarianMTModel",), bart.convert,
+           "encoder-decoder; post-LN, sinusoidal positions as [sin | cos] halves, scaled embeddings, "
+           "final_logits_bias, shared or separate decoder embeddings",
+           circuits="QK, OV, cross QK / OV per stack", fold_ln="refused (post-LN)"),
     Family("BERT", ("bert",), ("BertForMaskedLM", "BertModel"), bert.convert,
            "post-LN encoder, token types, optional MLM head", circuits="refused (post-LN)",
            fold_ln="refused (post-LN)"),

@@ -187,19 +187,21 @@ def take_mlp(r: StateDictReader, out: dict, o: str, fc_in: str, fc_out: str) -> 
 
 
 def take_heads(r: StateDictReader, out: dict, o: str, names: dict[str, str], n_heads: int, n_kv: int,
-               d_head: int) -> None:
+               d_head: int, module: str = "attn") -> None:
     """Separate q/k/v/o nn.Linear projections -> our per-head weights and biases (absent biases stay zero).
 
-    names: {"q": ..., "k": ..., "v": ..., "o": ...}, the checkpoint's module paths."""
+    names: {"q": ..., "k": ..., "v": ..., "o": ...}, the checkpoint's module paths; module: ours under the
+    block prefix o ("attn", or "cross_attn" in an encoder-decoder's decoder)."""
+    a = f"{o}{module}."
     for ours, key, n in (("W_Q", "q", n_heads), ("_W_K", "k", n_kv), ("_W_V", "v", n_kv)):
-        out[o + "attn." + ours] = nn_linear_heads_in(r.take(names[key] + ".weight"), n, d_head)
+        out[a + ours] = nn_linear_heads_in(r.take(names[key] + ".weight"), n, d_head)
         bias = r.take_optional(names[key] + ".bias")
         if bias is not None:
-            out[o + "attn." + ours.replace("W", "b")] = bias.reshape(n, d_head)
-    out[o + "attn.W_O"] = nn_linear_heads_out(r.take(names["o"] + ".weight"), n_heads, d_head)
+            out[a + ours.replace("W", "b")] = bias.reshape(n, d_head)
+    out[a + "W_O"] = nn_linear_heads_out(r.take(names["o"] + ".weight"), n_heads, d_head)
     bias = r.take_optional(names["o"] + ".bias")
     if bias is not None:
-        out[o + "attn.b_O"] = bias
+        out[a + "b_O"] = bias
 
 
 def take_gpt2_style_rest(r: StateDictReader, out: dict, p: str, o: str) -> None:
