@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     tour.add_argument("--top-k", type=int, default=None)
     tour.add_argument("--quick", action="store_true", help="smaller studies (fewer pairs and models, no tuned lens)")
     tour.add_argument("--only", nargs="+", default=None, help="run only these stops: next_token framework heads ioi "
-                                                              "factual shift")
+                                                              "factual shift seq2seq")
     tour.set_defaults(func=_tour)
 
     listing = sub.add_parser("models", help="list the models that load without a hub")

@@ -6,7 +6,8 @@ On the bundled models it runs, in order: next-token predictions and every head's
 attention on a prompt; the transformer-circuits framework on the attention-only models;
 the head census of every bundled model; the IOI and factual-recall patching studies
 (exact, path and attribution patching); the "mole" and "tower" contextual-embedding
-shift studies. It writes `index.html` linking every study's page and `results.json`
+shift studies; the encoder-decoder trained here on a toy translation task (alignment,
+positions, patching across the two stacks). It writes `index.html` linking every study's page and `results.json`
 with all their numbers. `--quick` runs smaller versions (fewer pairs, fewer models, no
 tuned lens): the same pages, for tests and a first look.
 """
@@ -22,8 +23,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
-STUDIES = ("next_token", "framework", "heads", "ioi", "factual", "shift")
+STUDIES = ("next_token", "framework", "heads", "ioi", "factual", "shift", "seq2seq")
 BUNDLED = ("smollm2-135m", "minilm-l6", "attn-only-2l", "attn-only-1l")
+SEQ2SEQ_MODEL = "translation-2l"
 
 
 @dataclass
@@ -36,11 +38,12 @@ class TourSettings:
     shift_models: tuple = ("smollm2-135m", "minilm-l6")
     tuned_lens: bool = True
     top_k: int = 10
+    seq2seq_sentences: int = 200
 
     @classmethod
     def quick(cls) -> "TourSettings":
         return cls(ioi_pairs=3, factual_landmarks=1, heads_models=("attn-only-2l", "attn-only-1l"),
-                   shift_models=("minilm-l6",), tuned_lens=False, top_k=5)
+                   shift_models=("minilm-l6",), tuned_lens=False, top_k=5, seq2seq_sentences=50)
 
 
 @dataclass
@@ -203,8 +206,17 @@ def _shift(*, load, model_name, prompt, out, settings, log, progress) -> Stop:
                 {"summary": rows}, headline)
 
 
+def _seq2seq(*, load, model_name, prompt, out, settings, log, progress) -> Stop:
+    from analyses.seq2seq import seq2seq_study
+
+    result = seq2seq_study(load(SEQ2SEQ_MODEL), n_sentences=settings.seq2seq_sentences, progress=progress)
+    path = result.save(out / "seq2seq")
+    return Stop("seq2seq", "The original transformer, trained here: cross-attention alignment, positions, patching",
+                path, result.to_dict(), result.headline())
+
+
 _STOPS = {"next_token": _next_token, "framework": _framework, "heads": _heads, "ioi": partial(_patching, "ioi"),
-          "factual": partial(_patching, "factual"), "shift": _shift}
+          "factual": partial(_patching, "factual"), "shift": _shift, "seq2seq": _seq2seq}
 
 
 def _write_index(out: Path, stops: list[Stop], run: dict, seconds: float) -> Path:

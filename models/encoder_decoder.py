@@ -209,6 +209,12 @@ class HookedEncoderDecoder(HookedRootModule):
                     stack.pos_embed.W_pos.copy_(sinusoidal_table(self.cfg.n_ctx, self.cfg.d_model))
                     stack.pos_embed.W_pos.requires_grad_(False)  # fixed, as in the paper
 
+    def fixed_parameters(self) -> list[str]:
+        """Parameters that are computed, not learned: the sinusoidal position tables (training leaves them)."""
+        if self.cfg.positional_embedding_type != "sinusoidal":
+            return []
+        return ["encoder.pos_embed.W_pos", "decoder.pos_embed.W_pos"]
+
     @property
     def device(self) -> torch.device:
         return self.embed.W_E.device

@@ -126,7 +126,8 @@ def _trained_dir(name: str) -> Callable[[], Path]:
     def resolve_trained() -> Path:
         path = Path(__file__).resolve().parent / "trained" / name
         if not (path / "model.safetensors").exists():
-            raise MissingPackageError(f"{path} holds no trained weights; train them with: python -m models.attn_only {name}")
+            module = "models.translation" if name.startswith("translation") else f"models.attn_only {name}"
+            raise MissingPackageError(f"{path} holds no trained weights; train them with: python -m {module}")
         return path
 
     return resolve_trained
@@ -137,6 +138,8 @@ _TRAINED = {
     "attn-only-2l": "2 layers, 4 heads, LayerNorm; trained here (previous-token and induction heads)",
     "attn-only-1l-noln": "1 layer, 4 heads, no norms; trained here (exact path expansion)",
     "attn-only-2l-noln": "2 layers, 4 heads, no norms; trained here (induction, exact path expansion)",
+    "translation-2l": "encoder-decoder, 2 + 2 post-LN layers, sinusoidal positions (the original transformer); "
+                      "trained here on a toy translation task that needs reordering",
 }
 for _name, _description in _TRAINED.items():
     REGISTRY[_name] = RegistryEntry(_name, _description, "models/trained (shipped with the project; "

@@ -62,12 +62,15 @@ def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
 
 def train(model, batches: Iterable[torch.Tensor] | Iterator[torch.Tensor], cfg: TrainConfig,
           progress: bool = True, loss_fn: Callable | None = None) -> TrainResult:
-    """Train `model` in place on next-token loss (or `loss_fn(model, batch)`), `cfg.steps` batches."""
+    """Train `model` in place on next-token loss (or `loss_fn(model, batch)`), `cfg.steps` batches.
+
+    A batch is a token tensor, or a tuple of tensors for `loss_fn` (an encoder-decoder's source, masks, target)."""
     torch.manual_seed(cfg.seed)
     trainable = []
+    fixed = set(getattr(model, "fixed_parameters", lambda: ())())  # e.g. sinusoidal position tables
     for name, p in model.named_parameters():
         is_attn_bias = ".attn." in name and name.rsplit(".", 1)[-1].lstrip("_").startswith("b")
-        p.requires_grad_(cfg.train_biases or not is_attn_bias)
+        p.requires_grad_((cfg.train_biases or not is_attn_bias) and name not in fixed)
         if p.requires_grad:
             trainable.append(p)
     decay = [p for p in trainable if p.dim() >= 2]
@@ -83,7 +86,8 @@ def train(model, batches: Iterable[torch.Tensor] | Iterator[torch.Tensor], cfg: 
     bar = tqdm(range(cfg.steps), disable=not progress, desc=f"training {model.cfg.model_name}", mininterval=1.0)
     model.train()
     for step in bar:
-        tokens = next(it).to(model.device)
+        batch = next(it)
+        tokens = tuple(t.to(model.device) for t in batch) if isinstance(batch, (tuple, list)) else batch.to(model.device)
         loss = loss_fn(model, tokens) if loss_fn is not None else model(tokens, return_type="loss")
         optim.zero_grad(set_to_none=True)
         loss.backward()

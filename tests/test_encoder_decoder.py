@@ -228,10 +228,11 @@ def test_sinusoidal_positions_are_sin_cos_halves():
 
 
 # ---------------------------------------------------------------------- patching in both stacks
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
 @pytest.mark.parametrize("stack", ["encoder", "decoder"])
-def test_patching_equals_torch_hooks(seq2seq, stack):
-    """resid_pre of each stack by (layer, position), clean source into the corrupted run, against a pre-hook
-    on transformers' layers that overwrites the same row and position."""
+def test_patching_equals_torch_hooks(seq2seq, stack, direction):
+    """resid_pre of each stack by (layer, position), clean source into the corrupted run (denoise) or corrupted
+    into clean (noise), against a pre-hook on transformers' layers that overwrites the same row and position."""
     name, hf, model, _ = seq2seq
     src, _, tgt = _batch(model)
     clean, tgt = src[:2, :10].clone(), tgt[:2, :8]
@@ -242,14 +243,15 @@ def test_patching_equals_torch_hooks(seq2seq, stack):
             hf(input_ids=corrupted, decoder_input_ids=tgt).logits[:, -1]
     a, b = gap.argmax(-1), gap.argmin(-1)
     result = seq2seq_patch(model, clean, corrupted, tgt, stack=stack, kind="resid_pre", metric=logit_diff(a, b),
-                           progress=False)
+                           direction=direction, progress=False)
+    base, src_run = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     layers = dict(zip(("encoder", "decoder"), _stacks(hf)))[stack]
     source = {}
     handles = [layer.register_forward_pre_hook(
         lambda m, args, kwargs, i=i: source.__setitem__(i, (args[0] if args else kwargs["hidden_states"]).clone()),
         with_kwargs=True) for i, layer in enumerate(layers)]
     with torch.no_grad():
-        hf(input_ids=clean, decoder_input_ids=tgt)
+        hf(input_ids=src_run, decoder_input_ids=tgt)
     for h in handles:
         h.remove()
     n_pos = clean.shape[1] if stack == "encoder" else tgt.shape[1]
@@ -269,7 +271,7 @@ def test_patching_equals_torch_hooks(seq2seq, stack):
     handles = [layer.register_forward_pre_hook(editor(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
-            logits = hf(input_ids=corrupted[prompts], decoder_input_ids=tgt[prompts]).logits[:, -1]
+            logits = hf(input_ids=base[prompts], decoder_input_ids=tgt[prompts]).logits[:, -1]
     finally:
         for h in handles:
             h.remove()
@@ -279,4 +281,5 @@ def test_patching_equals_torch_hooks(seq2seq, stack):
         expected[pr, s] = v
     assert_close(result.per_prompt, expected.view(2, len(layers), n_pos), **TOL)
     if stack == "encoder":  # an encoder patch reaches the decoder through cross-attention
-        assert (result.per_prompt - result.corrupted_metric.view(-1, 1, 1)).abs().max() > 1e-3
+        unpatched = result.corrupted_metric if direction == "denoise" else result.clean_metric
+        assert (result.per_prompt - unpatched.view(-1, 1, 1)).abs().max() > 1e-3

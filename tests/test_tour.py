@@ -44,7 +44,7 @@ def test_quick_tour_runs_every_study_offline(quick_tour):
     assert attempts == [], "the tour tried to open network connections"
     out = index.parent
     results = json.loads((out / "results.json").read_text())
-    assert list(results["studies"]) == ["next_token", "framework", "heads", "ioi", "factual", "shift"]
+    assert list(results["studies"]) == ["next_token", "framework", "heads", "ioi", "factual", "shift", "seq2seq"]
     text = index.read_text()
     for name, study in results["studies"].items():
         assert (out / study["page"]).exists() and f'href="{study["page"]}"' in text, name
@@ -55,6 +55,7 @@ def test_quick_tour_runs_every_study_offline(quick_tour):
     ioi = numbers["ioi"]["numbers"]
     assert ioi["n_pairs"] >= 2 and all(c > 0 for c in ioi["clean_logit_diff"])
     assert all(r["centroid acc, best"] > 0.9 for r in numbers["shift"]["numbers"]["summary"])
+    assert numbers["seq2seq"]["numbers"]["best"]["accuracy"] > 0.9  # cross-attention reads the aligned word
     for page in out.rglob("*.html"):  # each page says what was run
         assert "What was run" in page.read_text() and "toolkit version" in page.read_text(), page
 
