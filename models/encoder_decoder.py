@@ -20,7 +20,6 @@ every family (`hook_resid_pre`, `attn.hook_pattern`, ...), under `encoder.blocks
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -340,39 +339,11 @@ class HookedEncoderDecoder(HookedRootModule):
         return tokenizer.decode(tokens.reshape(-1).tolist(), skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, input, max_new_tokens: int = 20, *, attention_mask=None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop_at_eos: bool = True, eos_token_id: int | None = None,
-                 use_kv_cache: bool = True, fwd_hooks=(), return_type: str = "auto"):
-        """Encode once, then decode from the decoder start token: ids `[batch, 1 + new]` for token input,
-        the decoded text (special tokens dropped) for text input or `return_type="str"`."""
-        from models.generate import _sample
+    def generate(self, input, max_new_tokens: int = 20, **kwargs):
+        """Encode once, then decode from the decoder start token (models.generate.generate_seq2seq)."""
+        from models.generate import generate_seq2seq
 
-        as_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))
-        tokens, mask = self._as_tokens(input, attention_mask)
-        eos = eos_token_id if eos_token_id is not None else self.cfg.eos_token_id
-        generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
-        with self.hooks(fwd_hooks) if fwd_hooks else contextlib.nullcontext():
-            memory = self.encoder(tokens, self.embed, _key_mask(mask))
-            out = torch.full((tokens.shape[0], 1), self.cfg.decoder_start_token_id, device=tokens.device)
-            finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-            cache = KVCache(len(self.decoder.blocks)) if use_kv_cache else None
-            step = out
-            for _ in range(max_new_tokens):
-                logits = self(tokens, step, attention_mask=mask, encoder_output=memory, past_kv=cache)
-                nxt = _sample(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
-                nxt = torch.where(finished, torch.full_like(nxt, self.cfg.pad_token_id or 0), nxt)
-                out = torch.cat([out, nxt[:, None]], dim=1)
-                step = nxt[:, None] if cache is not None else out
-                if stop_at_eos and eos is not None:
-                    finished |= nxt == eos
-                    if bool(finished.all()):
-                        break
-        if return_type == "tokens" or (return_type == "auto" and not as_text):
-            return out
-        texts = self.to_string(out, skip_special_tokens=True)
-        return texts[0] if isinstance(input, str) else texts
+        return generate_seq2seq(self, input, max_new_tokens=max_new_tokens, **kwargs)
 
     # ------------------------------------------------------------------ conveniences
     def set_attention_implementation(self, implementation: str) -> None:

@@ -121,3 +121,39 @@ def generate(
         full, head = model.to_string(real[:n_prompt] + cont), model.to_string(real[:n_prompt])
         texts.append(prompt + full[len(head):] if full.startswith(head) else prompt + model.to_string(cont))
     return texts[0] if isinstance(input, str) else texts
+
+
+@torch.no_grad()
+def generate_seq2seq(model, input, max_new_tokens: int = 20, *, attention_mask=None, do_sample: bool = False,
+                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                     seed: int | None = None, stop_at_eos: bool = True, eos_token_id: int | None = None,
+                     use_kv_cache: bool = True, fwd_hooks=(), return_type: str = "auto"):
+    """An encoder-decoder's generation: encode once, then decode from the decoder start token, the decoder's
+    self-attention keys and values cached. Ids `[batch, 1 + new]` for token input, the decoded text (special
+    tokens dropped) for text input or `return_type="str"`."""
+    from models.encoder_decoder import _key_mask
+
+    as_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))
+    tokens, mask = model._as_tokens(input, attention_mask)
+    eos = eos_token_id if eos_token_id is not None else model.cfg.eos_token_id
+    generator = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
+    with model.hooks(fwd_hooks) if fwd_hooks else contextlib.nullcontext():
+        memory = model.encoder(tokens, model.embed, _key_mask(mask))
+        out = torch.full((tokens.shape[0], 1), model.cfg.decoder_start_token_id, device=tokens.device)
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        cache = KVCache(len(model.decoder.blocks)) if use_kv_cache else None
+        step = out
+        for _ in range(max_new_tokens):
+            logits = model(tokens, step, attention_mask=mask, encoder_output=memory, past_kv=cache)
+            nxt = _sample(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            nxt = torch.where(finished, torch.full_like(nxt, model.cfg.pad_token_id or 0), nxt)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            step = nxt[:, None] if cache is not None else out
+            if stop_at_eos and eos is not None:
+                finished |= nxt == eos
+                if bool(finished.all()):
+                    break
+    if return_type == "tokens" or (return_type == "auto" and not as_text):
+        return out
+    texts = model.to_string(out, skip_special_tokens=True)
+    return texts[0] if isinstance(input, str) else texts
