@@ -52,14 +52,14 @@ class CircuitSummary:
                 "composition_baseline": {m: c.baseline for m, c in self.composition.items()},
                 "top_composition": self.top_composition(), "seconds": self.seconds}
 
-    def plot(self, which: str = "ov") -> str:
-        from interp.svg import heatmap_svg
+    def plot(self, which: str = "ov"):
+        """Eigenvalue positivity of every head's full OV (or QK) circuit, heads x layers -> `Figure`."""
+        from interp.plots import heatmap
 
         m = self.ov_positivity if which == "ov" else self.qk_positivity
         L, H = m.shape
-        return heatmap_svg(m.T, [f"H{h}" for h in range(H)], [f"L{l}" for l in range(L)], cell=22 if L > 8 else 30,
-                           title=f"{self.model_name}: {which.upper()} eigenvalue positivity", center_zero=True,
-                           value_format="{:.1f}")
+        return heatmap(m.T, [f"H{h}" for h in range(H)], [f"L{l}" for l in range(L)], signed=True, vmax=1.0,
+                       title=f"{self.model_name}: {which.upper()} eigenvalue positivity", value_format="{:.1f}")
 
     def save(self, directory) -> Path:
         from interp.report import Page
@@ -77,7 +77,9 @@ class CircuitSummary:
         return page.save(out / "index.html")
 
     def _repr_html_(self) -> str:
-        return self.plot("ov")
+        from interp.plots import to_svg
+
+        return to_svg(self.plot("ov"))
 
 
 def circuit_summary(model, modes: str = "QKV") -> CircuitSummary:

@@ -88,10 +88,11 @@ def write_report(results: dict, out: Path, title: str = "Contextual-embedding sh
               "(SmolLM2), different in one with absolute positions (MiniLM).")
     page.table([summary_row(m, s, r) for (m, s), r in results.items()], caption="Summary")
     for model_name, kl in (lens_kl or {}).items():
-        from interp.svg import line_chart_svg
+        from interp.plots import line_chart
 
         page.heading(f"Logit lens and tuned lens on {model_name}", 2)
-        page.figure(line_chart_svg({name: v.tolist() for name, v in kl.items()}, x_label="layer", y_label="nats"),
+        page.figure(line_chart({name: v.tolist() for name, v in kl.items()}, x_label="layer", y_label="KL (nats)",
+                               title=f"{model_name}: each lens against the model's output"),
                     f"Mean KL from the model's output distribution to each lens's, per layer, on "
                     f"{HELD_OUT_TOKENS} held-out tokens of the shipped corpus (text SmolLM2 sampled itself). The "
                     "tuned lens has one affine translator per layer (Belrose et al. 2023), trained on the rest.")

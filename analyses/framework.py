@@ -90,12 +90,13 @@ class FrameworkResult:
             "path_terms": self.path_terms, "path_error": self.path_error,
         }
 
-    def plot(self) -> str:
-        from interp.svg import heatmap_svg
+    def plot(self):
+        """The 2-layer model's prefix-matching (induction) score of every head -> `Figure`."""
+        from interp.plots import heatmap
 
-        H = self.prefix_matching.shape[1]
-        heads = [f"H{h}" for h in range(H)]
-        return heatmap_svg(self.prefix_matching, ["L0", "L1"], heads, title="prefix matching (2-layer)")
+        L, H = self.prefix_matching.shape
+        return heatmap(self.prefix_matching, [f"L{l}" for l in range(L)], [f"H{h}" for h in range(H)],
+                       signed=False, vmin=0.0, vmax=1.0, title=f"prefix matching ({self.two_layer})")
 
     def save(self, directory) -> Path:
         from analyses.framework_report import write_report
@@ -103,7 +104,9 @@ class FrameworkResult:
         return write_report(self, Path(directory))
 
     def _repr_html_(self) -> str:
-        return self.to_frame().to_html() + self.plot()
+        from interp.plots import to_svg
+
+        return self.to_frame().to_html() + to_svg(self.plot())
 
 
 def _training_record(model) -> dict | None:

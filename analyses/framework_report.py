@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from interp.report import Page
-from interp.svg import bar_chart_svg, heatmap_svg, line_chart_svg
+from interp.plots import bar_chart, heatmap, line_chart
 from interp.views import attention_heads
 
 
@@ -70,12 +70,15 @@ def write_report(result, out: Path) -> Path:
     page.heading(f"Two layers ({result.two_layer}): previous-token and induction heads")
     L = result.prefix_matching.shape[0]
     layers = [f"L{l}" for l in range(L)]
-    for title, values in (("prefix matching", result.prefix_matching),
-                          (f"prefix matching, L{pl}H{ph} ablated", result.prefix_after_ablation),
-                          ("previous-token score", result.previous_token),
-                          ("full-OV eigenvalue positivity", result.ov_positivity),
-                          ("full-OV top-1 diagonal accuracy", result.ov_top1)):
-        page.figure(heatmap_svg(values, layers, _heads(H), cell=44, title=title))
+    # Scores and accuracies are shares (0 to 1, sequential colours); eigenvalue positivity runs -1 to 1 (diverging).
+    page.figures([heatmap(values, layers, _heads(H), title=title, signed=signed, vmax=1.0,
+                          vmin=None if signed else 0.0)
+                  for title, values, signed in (("prefix matching", result.prefix_matching, False),
+                                                (f"prefix matching, L{pl}H{ph} ablated", result.prefix_after_ablation,
+                                                 False),
+                                                ("previous-token score", result.previous_token, False),
+                                                ("full-OV eigenvalue positivity", result.ov_positivity, True),
+                                                ("full-OV top-1 diagonal accuracy", result.ov_top1, False))])
     page.text(f"Previous-token head: L{pl}H{ph}. Induction heads (prefix matching >= 0.3): "
               + ", ".join(f"L{l}H{h}" for l, h in result.induction_heads) + ".")
 
@@ -87,24 +90,26 @@ def write_report(result, out: Path) -> Path:
     page.table([{"induction head": k, **v} for k, v in result.k_circuit.items()])
     if result.corners:
         labels = names[1:25]
-        page.figure(heatmap_svg(result.corners["composed"], labels, labels, cell=18, center_zero=True,
-                                title="composed K-circuit, tokens t1-t24 (rows: destination)"))
-        page.figure(heatmap_svg(result.corners["direct"], labels, labels, cell=18, center_zero=True,
-                                title="direct token QK circuit of the same head"))
+        page.figures([heatmap(result.corners["composed"], labels, labels, signed=True, annotate=False, cell=0.17,
+                              title="composed K-circuit, tokens t1-t24", x_label="source", y_label="destination"),
+                      heatmap(result.corners["direct"], labels, labels, signed=True, annotate=False, cell=0.17,
+                              title="direct token QK circuit of the same head", x_label="source",
+                              y_label="destination")])
 
     page.heading("Composition scores against a random baseline")
     page.text("Score = ||OV_i M_j||_F / (||OV_i||_F ||M_j||_F) for layer-0 head i (rows) and layer-1 head j "
               "(columns). Raw scores in models this small sit near the random-matrix baseline (the paper's "
               "erratum says as much); the mechanism shows in the composed circuit above, not in the raw score.")
     for mode, comp in result.composition.items():
-        page.figure(heatmap_svg(comp.scores[0, :, 1, :], [f"L0H{h}" for h in range(H)], [f"L1H{h}" for h in range(H)],
-                                cell=44, value_format="{:.3f}",
-                                title=f"{mode}-composition (baseline {comp.baseline:.3f} ± {comp.baseline_std:.3f})"))
+        page.figure(heatmap(comp.scores[0, :, 1, :], [f"L0H{h}" for h in range(H)], [f"L1H{h}" for h in range(H)],
+                            value_format="{:.3f}", signed=False,
+                            title=f"{mode}-composition (baseline {comp.baseline:.3f} ± {comp.baseline_std:.3f})"))
 
     page.heading("Path expansion of the logits")
     page.text(f"On the probe, the logits are an exact sum of paths (max error {result.path_error:.1e}): the direct "
               "path, each head, and each virtual head i->j. Norm of each path's contribution at the last position:")
-    page.figure(bar_chart_svg([n for n, _ in result.path_terms], [v for _, v in result.path_terms], value_format="{:.2f}"))
+    page.figure(bar_chart([n for n, _ in result.path_terms], [v for _, v in result.path_terms], value_format="{:.2f}",
+                          x_label="norm of the path's logits at the last position"))
 
     if result.probe_patterns is not None:
         page.heading("Attention on the probe")
@@ -115,6 +120,7 @@ def write_report(result, out: Path) -> Path:
         page.heading("Training")
         smooth = {name: [sum(c[max(0, i - 49): i + 1]) / len(c[max(0, i - 49): i + 1]) for i in range(0, len(c), 10)]
                   for name, c in result.loss_curves.items()}
-        page.figure(line_chart_svg(smooth, x_label="x10 steps", y_label="loss (nats)"),
+        page.figure(line_chart(smooth, x=[10 * i for i in range(max(len(c) for c in smooth.values()))],
+                               x_label="step", y_label="loss (nats)"),
                     "Training loss, moving average over 50 steps")
     return page.save(out / "index.html")

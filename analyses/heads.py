@@ -85,13 +85,9 @@ class HeadCensus:
                 rows.append({"layer": l, "head": h, **{k: float(v.mean[l, h]) for k, v in self.scores.items()}})
         return pd.DataFrame(rows)
 
-    def plot(self, detector: str = "induction") -> str:
-        from interp.svg import heatmap_svg
-
-        mean = self.scores[detector].mean
-        L, H = mean.shape
-        return heatmap_svg(mean, [f"L{l}" for l in range(L)], [f"H{h}" for h in range(H)], cell=22 if H > 6 else 36,
-                           title=f"{self.model_name}: {detector}")
+    def plot(self, detector: str = "induction"):
+        """Heatmap of one detector's mean score for every head -> `Figure`."""
+        return self.scores[detector].plot(f"{self.model_name}: {detector}")
 
     def save(self, directory) -> Path:
         from analyses.heads_report import write_census
@@ -99,7 +95,9 @@ class HeadCensus:
         return write_census(self, Path(directory))
 
     def _repr_html_(self) -> str:
-        return self.plot()
+        from interp.plots import to_svg
+
+        return to_svg(self.plot())
 
 
 def head_census(model, prompts: list | None = None, n_random: int = 16, seed: int = 0, local_window: int = 3,

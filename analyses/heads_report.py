@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from interp.report import Page
-from interp.svg import heatmap_svg, line_chart_svg
 from interp.views import attention_heads, attention_pattern
 
 DETECTOR_DATA = {"previous_token": "text", "bos": "text", "local": "text", "entropy": "text",
@@ -30,17 +29,6 @@ def census_dict(census) -> dict:
     }
 
 
-def _heatmap(name: str, scores) -> str:
-    """Deep models are drawn with layers as columns, so the map is wide rather than tall."""
-    mean = scores.mean
-    L, H = mean.shape
-    if L > H:
-        return heatmap_svg(mean.T, [f"H{h}" for h in range(H)], [str(l) for l in range(L)], cell=16,
-                           title=f"{name} (columns: layers)")
-    return heatmap_svg(mean, [f"L{l}" for l in range(L)], [f"H{h}" for h in range(H)], cell=36 if H <= 6 else 26,
-                       title=name)
-
-
 def write_census(census, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     slug = _slug(census.model_name)
@@ -61,8 +49,8 @@ def write_census(census, out: Path) -> Path:
     page.heading("Every head, every detector")
     first = next(iter(census.scores.values())).mean
     L, H = first.shape
-    page.figures([_heatmap(name, scores) for name, scores in census.scores.items()],
-                 "Mean score of each head; hover a cell for its value")
+    page.figures([scores.plot(name) for name, scores in census.scores.items()],
+                 "Mean score of each head (values in the cells where they fit; every value is in the JSON)")
     page.heading("The top heads")
     for name in ("previous_token", "induction", "duplicate_token", "bos"):
         if name not in census.scores:
@@ -84,8 +72,7 @@ def write_census(census, out: Path) -> Path:
         page.text(f"Loss on BOS + {icl.seq_len} random tokens repeated {icl.n_repeats} times: "
                   + ", ".join(f"copy {i + 1}: {v:.2f} nats" for i, v in enumerate(icl.loss_per_repeat.tolist()))
                   + f". Score (last copy minus first): {icl.score:.2f} nats.")
-        page.figure(line_chart_svg({census.model_name: icl.loss_per_position.tolist()}, x_label="position",
-                                   y_label="loss (nats)"), "Next-token loss at each position, mean over sequences")
+        page.figure(icl.plot(), "Next-token loss at each position, mean over sequences")
     return page.save(out / f"{slug}.html")
 
 

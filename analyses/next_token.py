@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from interp.report import Page
-from interp.svg import bar_chart_svg
 from interp.views import View, attention_heads
 
 
@@ -42,8 +41,12 @@ class NextTokenResult:
             "logit": self.top_logits.tolist(),
         })
 
-    def plot(self) -> "SVGFigure":
-        return SVGFigure(bar_chart_svg([repr(t) for t in self.top_tokens], self.top_probs.tolist()))
+    def plot(self):
+        """Probability of each of the top next tokens -> `Figure`."""
+        from interp.plots import bar_chart
+
+        return bar_chart([repr(t) for t in self.top_tokens], self.top_probs.tolist(), x_label="probability",
+                         title=f"next token after {self.prompt!r}")
 
     def attention_view(self, layer: int) -> View:
         n_heads = self.patterns.shape[1]
@@ -64,7 +67,7 @@ class NextTokenResult:
         page.heading("Prompt").tokens(self.str_tokens)
         page.heading("Top next-token predictions")
         page.table([{**r, "token": repr(r["token"])} for r in self.to_frame().to_dict(orient="records")])
-        page.figure(self.plot().svg, "Probability of each of the top next tokens")
+        page.figure(self.plot(), "Probability of each of the top next tokens")
         page.heading("Attention patterns")
         page.text("Each grid shows every head of one layer; hover a head to enlarge it, and a token to see "
                   "where it attends.")
@@ -80,20 +83,9 @@ class NextTokenResult:
         return self.add_to_page(page).save(directory / "next_token.html")
 
     def _repr_html_(self) -> str:
-        return self.to_frame().to_html() + self.plot().svg
+        from interp.plots import to_svg
 
-
-class SVGFigure:
-    def __init__(self, svg: str) -> None:
-        self.svg = svg
-
-    def _repr_svg_(self) -> str:
-        return self.svg
-
-    def save(self, path) -> Path:
-        path = Path(path)
-        path.write_text(self.svg)
-        return path
+        return self.to_frame().to_html() + to_svg(self.plot())
 
 
 def next_token_predictions(model, prompt: str, top_k: int = 10, prepend_bos: bool | None = None) -> NextTokenResult:

@@ -113,14 +113,17 @@ class PatchingStudy:
             "top_heads_noise": [(c, v) for c, v in self.top_heads()], "timings": self.timings,
         }
 
-    def plot(self, key: str = "resid_pre/denoise") -> str:
+    def plot(self, key: str = "resid_pre/denoise"):
+        """One map's heatmap (`PatchResult.plot`) -> `Figure`."""
         return self.maps[key].plot()
 
     def save(self, directory) -> Path:
         return write_study(self, Path(directory))
 
     def _repr_html_(self) -> str:
-        return self.plot()
+        from interp.plots import to_svg
+
+        return to_svg(self.plot())
 
 
 def solved_pairs(model, pairs: PairSet, log=print, margin: float = 0.5) -> PairSet:
@@ -207,10 +210,11 @@ def write_study(study: PatchingStudy, out: Path, title: str | None = None, intro
                                               study.pairs.corrupted_answer, study.clean_logit_diff,
                                               study.corrupted_logit_diff)][:30],
                caption="logit diff = logit(clean answer) - logit(corrupted answer)")
-    page.text("Every map shows the normalised logit difference after the patch, averaged over pairs: "
-              "0 = the corrupted run, 1 = the clean run. Denoising patches clean activations into the corrupted "
-              "run (what restores the behaviour); noising patches corrupted activations into the clean run "
-              "(what breaks it).")
+    page.text("Every map shows what the patch changes in the normalised logit difference (0 = the corrupted "
+              "run, 1 = the clean run), averaged over pairs, so 0 (white) means the patch changed nothing. "
+              "Denoising patches clean activations into the corrupted run and shows what it restores (patched "
+              "- corrupted); noising patches corrupted activations into the clean run and shows what it breaks "
+              "(clean - patched).")
     for kind in ("resid_pre", next(k.split("/")[0] for k in study.maps if not k.startswith("resid"))):
         page.heading(f"{kind}: exact patching, both directions")
         page.figures([study.maps[f"{kind}/denoise"].plot(), study.maps[f"{kind}/noise"].plot()])

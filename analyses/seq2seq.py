@@ -77,13 +77,14 @@ class Seq2SeqResult:
                              "mass on aligned": float(self.alignment_mass[layer, head])})
         return pd.DataFrame(rows)
 
-    def plot(self) -> str:
-        from interp.svg import heatmap_svg
+    def plot(self):
+        """Alignment accuracy of each decoder layer's cross-attention heads (and their mean) -> `Figure`."""
+        from interp.plots import heatmap
 
         n_heads = self.alignment.shape[1] - 1
-        return heatmap_svg(self.alignment, [f"dec L{layer}" for layer in range(self.alignment.shape[0])],
-                           [f"H{h}" for h in range(n_heads)] + ["mean"],
-                           title="cross-attention argmax = aligned source word")
+        return heatmap(self.alignment, [f"dec L{layer}" for layer in range(self.alignment.shape[0])],
+                       [f"H{h}" for h in range(n_heads)] + ["mean"], signed=False, vmin=0.0, vmax=1.0,
+                       title="cross-attention argmax = aligned source word", colorbar_label="share of steps")
 
     def to_dict(self) -> dict:
         layer, head, score = self.best
@@ -97,8 +98,8 @@ class Seq2SeqResult:
                 "patching": {k: v.to_dict() for k, v in self.patching.items()}, "seconds": self.seconds}
 
     def save(self, directory) -> Path:
+        from interp.plots import heatmap
         from interp.report import Page
-        from interp.svg import heatmap_svg
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
@@ -114,8 +115,8 @@ class Seq2SeqResult:
                   "scored against the known alignment (chance is about one in the source length, ~1/7).")
         page.figure(self.plot())
         ex = self.example
-        page.figure(heatmap_svg(torch.tensor(ex["pattern"]), [f"-> {w}" for w in ex["target"]], ex["source"],
-                                title=f"decoder layer {ex['layer']}, head mean: {ex['source_text']!r}"),
+        page.figure(heatmap(torch.tensor(ex["pattern"]), [f"-> {w}" for w in ex["target"]], ex["source"],
+                            signed=False, vmin=0.0, vmax=1.0, title=f"decoder layer {ex['layer']}, head mean: {ex['source_text']!r}"),
                     caption="Rows: the step predicting each target word; the aligned source words are "
                             + ", ".join(f"{t}<-{ex['source'][a]}" for t, a in zip(ex["target"], ex["alignment"])))
         page.heading("The encoder's self-attention")
@@ -129,15 +130,17 @@ class Seq2SeqResult:
                   "over source tokens. Their cosine similarity falls with distance (below), so nearby positions "
                   "look alike to attention.")
         n = self.position_similarity.shape[0]
-        page.figure(heatmap_svg(self.position_similarity, [str(i) for i in range(n)], [str(i) for i in range(n)],
-                                title="cos(position i, position j)"))
+        page.figure(heatmap(self.position_similarity, [str(i) for i in range(n)], [str(i) for i in range(n)],
+                            signed=True, title="cos(position i, position j)"))
         for name, result in self.patching.items():
             page.heading(f"Patching: {name}")
             page.figure(result.plot())
         return page.save(directory / "index.html")
 
     def _repr_html_(self) -> str:
-        return self.plot()
+        from interp.plots import to_svg
+
+        return to_svg(self.plot())
 
 
 # ---------------------------------------------------------------------- the measurements

@@ -69,7 +69,8 @@ def build(configs, with_tl: bool):
         from transformer_lens.model_bridge import TransformerBridge
 
         tl_hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-        bridge = TransformerBridge.boot_transformers(str(directory), hf_model=tl_hf, tokenizer=ours.tokenizer,
+        bridge = TransformerBridge.boot_transformers(str(directory), hf_model=tl_hf,
+                                                     tokenizer=getattr(ours.tokenizer, "transformers_tokenizer", ours.tokenizer),
                                                      device="cpu", dtype=torch.float32)
         calls["tl bridge"] = lambda x: (bridge(x), None)
         calls["tl bridge cache"] = lambda x: bridge.run_with_cache(x)

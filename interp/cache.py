@@ -7,6 +7,7 @@ from typing import Iterator
 
 import torch
 
+from interp.cache_tl import TransformerLensCacheMethods
 from interp.names import resolve_key, unknown_name_error
 
 
@@ -19,10 +20,13 @@ def unique_nbytes(tensors) -> int:
     return sum(seen.values())
 
 
-class ActivationCache(Mapping):
-    """Activations keyed by hook name; also accepts short keys: `cache["pattern", 3]`.
+class ActivationCache(TransformerLensCacheMethods, Mapping):
+    """Activations keyed by hook name; also accepts short keys: `cache["pattern", 3]` (a negative layer
+    counts from the end, as in TransformerLens) and TransformerLens' `get_act_name(...)` names.
 
-    Gradients from `run_with_cache(incl_bwd=True)` live under `name + "_grad"`.
+    Gradients from `run_with_cache(incl_bwd=True)` live under `name + "_grad"`. TransformerLens'
+    analysis methods (accumulated_resid, decompose_resid, stack_head_results, logit_attrs, ...)
+    come from interp.cache_tl.
     """
 
     def __init__(self, cache_dict: dict[str, torch.Tensor], model, has_batch_dim: bool = True) -> None:
@@ -35,8 +39,14 @@ class ActivationCache(Mapping):
         if isinstance(key, str) and key in self.cache_dict:
             return key
         if isinstance(key, tuple) and len(key) >= 1 and isinstance(key[-1], str) and key[-1] == "grad":
-            return resolve_key(key[:-1]) + "_grad"
-        return resolve_key(key)
+            return resolve_key(self._layer_from_end(key[:-1])) + "_grad"
+        return resolve_key(self._layer_from_end(key))
+
+    def _layer_from_end(self, key):
+        """(name, -1, ...) -> (name, n_layers - 1, ...), as TransformerLens' cache allows."""
+        if isinstance(key, tuple) and len(key) > 1 and isinstance(key[1], int) and key[1] < 0:
+            return (key[0], self.model.cfg.n_layers + key[1], *key[2:])
+        return key
 
     def __getitem__(self, key) -> torch.Tensor:
         name = self._key(key)
@@ -122,6 +132,10 @@ class ActivationCache(Mapping):
         W_O = self.model.blocks[layer].attn.W_O  # [n_heads, d_head, d_model]
         return torch.einsum("...hk,hkd->...hd", z, W_O.to(z.dtype))
 
-    def stack_activation(self, short_name: str) -> torch.Tensor:
-        """One activation for every layer, stacked on a new leading `layer` dimension."""
-        return torch.stack([self[short_name, l] for l in range(self.model.cfg.n_layers)])
+    def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None) -> torch.Tensor:
+        """One activation for every layer before `layer` (default all), stacked on a new leading `layer`
+        dimension (TransformerLens' signature; `sublayer_type` picks the norm for scale / normalized)."""
+        layer = self.model.cfg.n_layers if layer is None or layer == -1 else layer
+        keys = [(activation_name, l) if sublayer_type is None else (activation_name, l, sublayer_type)
+                for l in range(layer)]
+        return torch.stack([self[k] for k in keys])

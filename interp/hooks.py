@@ -56,6 +56,14 @@ class HookPoint(nn.Module):
     def active(self) -> bool:
         return bool(self._hooks["fwd"] or self._hooks["bwd"] or self._forward_hooks)
 
+    def layer(self) -> int:
+        """The layer of a hook point inside a block (`blocks.3.attn.hook_z` -> 3), as TransformerLens has it."""
+        parts = (self.name or "").split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part == "blocks" and parts[i + 1].isdigit():
+                return int(parts[i + 1])
+        raise ValueError(f"hook point {self.name!r} is not inside a block (blocks.<layer>....), so it has no layer")
+
     def add_hook(self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, prepend: bool = False) -> HookHandle:
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")

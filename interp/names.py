@@ -8,7 +8,8 @@ from typing import Iterable
 # Short name -> (template, needs a layer). Mirrors TransformerLens' get_act_name so that
 # `cache["pattern", 3]` means what a TL user expects.
 _ATTN = {"q", "k", "v", "z", "rot_q", "rot_k", "pattern", "attn_scores", "result"}
-_BLOCK = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "normalized_resid_post"}
+_BLOCK = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "normalized_resid_post",
+          "mlp_in", "attn_in", "q_input", "k_input", "v_input"}
 _MLP = {"pre", "post", "pre_linear"}
 _ALIASES = {
     "attn": "pattern",

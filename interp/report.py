@@ -1,8 +1,9 @@
 """Single-file HTML report pages that open offline.
 
-A page holds headings, text, tables, SVG figures and circuitsvis views; it inlines the
+A page holds headings, text, tables, figures and circuitsvis views; it inlines the
 circuitsvis bundle once, only if a view needs it, and says what was run so the page can
-be reproduced.
+be reproduced. Figures are matplotlib `Figure`s (what every result's `.plot()` returns),
+rendered once to inline SVG when added: no script, nothing fetched.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ th { background: #f4f4f6; } td.num { text-align: right; font-variant-numeric: ta
 .meta { background: #f7f7f9; border: 1px solid #e4e4e8; padding: .6rem .9rem; font-size: .88rem; }
 .meta code, code { background: #eef; padding: 0 .2rem; border-radius: 3px; }
 figure { margin: 1rem 0; } figcaption { font-size: .85rem; color: #555; }
+figure.plot svg { max-width: 100%; height: auto; }
 .row { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
 .tokens span { border: 1px solid #ccd; border-radius: 3px; padding: 0 .2rem; margin: 0 1px; white-space: pre; }
 """
@@ -81,15 +83,20 @@ class Page:
         self.parts.append(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
         return self
 
-    def figure(self, svg: str, caption: str | None = None) -> "Page":
+    def figure(self, figure, caption: str | None = None) -> "Page":
+        """A matplotlib `Figure` (rendered to inline SVG now, then closed) or SVG text."""
+        from interp.plots import as_svg
+
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        self.parts.append(f'<figure class="plot">{svg}{cap}</figure>')
+        self.parts.append(f'<figure class="plot">{as_svg(figure)}{cap}</figure>')
         return self
 
-    def figures(self, svgs: list[str], caption: str | None = None) -> "Page":
-        """Several figures side by side, wrapping on narrow screens."""
+    def figures(self, figures: list, caption: str | None = None) -> "Page":
+        """Several figures (`Figure`s or SVG text) side by side, wrapping on narrow screens."""
+        from interp.plots import as_svg
+
         cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
-        items = "".join(f"<div>{svg}</div>" for svg in svgs)
+        items = "".join(f"<div>{as_svg(f)}</div>" for f in figures)
         self.parts.append(f'<figure class="plot"><div class="row">{items}</div>{cap}</figure>')
         return self
 

@@ -84,14 +84,14 @@ class RoutingResult:
                                      "layer": layer, "expert": e, "weight": w})
         return pd.DataFrame(rows)
 
-    def plot(self) -> str:
-        """One heatmap per sense: layers x experts, the mean routing weight at the word."""
-        from interp.svg import heatmap_svg
+    def plot(self):
+        """One heatmap per sense, side by side: layers x experts, the mean routing weight at the word -> `Figure`."""
+        from interp.plots import heatmaps
 
         cols = [f"E{e}" for e in range(self.weights.shape[-1])]
         rows = [f"L{layer}" for layer in self.layers]
-        return "".join(heatmap_svg(table, rows, cols, title=f"{self.word!r}: {sense}")
-                       for sense, table in self.by_sense().items())
+        return heatmaps([dict(values=table, row_labels=rows, col_labels=cols, title=f"{self.word!r}: {sense}",
+                              signed=False, vmin=0.0, vmax=1.0) for sense, table in self.by_sense().items()])
 
     def to_dict(self) -> dict:
         return {"word": self.word, "contexts": self.contexts, "labels": self.labels, "layers": self.layers,
@@ -108,13 +108,15 @@ class RoutingResult:
         (directory / f"{name}.json").write_text(json.dumps(self.to_dict(), indent=1))
         page = Page(f"Expert routing at {self.word!r}", {"contexts": len(self.contexts), "layers": self.layers})
         page.text("Mean routing weight each expert gets at the word (0 where the router passed it over), per sense.")
-        page.raw(self.plot())
+        page.figure(self.plot())
         page.table([{"sense": s, "layer": layer, "expert": e, "mean weight": w}
                     for s in self.by_sense() for layer, e, w in self.top(s, k=5)], caption="Strongest routes")
         return page.save(directory / f"{name}.html")
 
     def _repr_html_(self) -> str:
-        return self.plot()
+        from interp.plots import to_svg
+
+        return to_svg(self.plot())
 
 
 @torch.no_grad()

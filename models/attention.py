@@ -298,16 +298,25 @@ class Attention(nn.Module):
             return norm(t.flatten(-2)).view(t.shape)
         return norm(t)
 
-    def forward(self, x: torch.Tensor, frame: AttentionFrame) -> torch.Tensor:
-        # x: [batch, pos, d_model] -> attn_out: [batch, pos, d_model]
+    def forward(self, x: torch.Tensor, frame: AttentionFrame, head_inputs=None) -> torch.Tensor:
+        # x: [batch, pos, d_model] -> attn_out: [batch, pos, d_model]. head_inputs: per-head copies of the
+        # (normalised) input for q, k and v, [b, p, heads, d_model] (TransformerLens' split-qkv hooks).
         b, p, _ = x.shape
         h, kv, dh = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.d_head
         normed = self.q_norm is not None
         src = frame.memory if self.cross else x  # cross-attention: keys and values from the encoder
         n = src.shape[1]
-        q = self.hook_q(self._project(x, self.W_Q, self.b_Q, clip=not normed).view(b, p, h, dh))
-        k = self.hook_k(self._project(src, self._W_K, self._b_K, clip=not normed).view(b, n, kv, dh))
-        v = self.hook_v(self._project(src, self._W_V, self._b_V).view(b, n, kv, dh))
+        if head_inputs is not None:
+            q_in, k_in, v_in = head_inputs
+            per_head = lambda t, W, bias, clip: self._clip(  # noqa: E731
+                torch.einsum("bphd,hdk->bphk", t, W) + bias) if clip else torch.einsum("bphd,hdk->bphk", t, W) + bias
+            q = self.hook_q(per_head(q_in, self.W_Q, self.b_Q, not normed))
+            k = self.hook_k(per_head(k_in, self._W_K, self._b_K, not normed))
+            v = self.hook_v(per_head(v_in, self._W_V, self._b_V, True))
+        else:
+            q = self.hook_q(self._project(x, self.W_Q, self.b_Q, clip=not normed).view(b, p, h, dh))
+            k = self.hook_k(self._project(src, self._W_K, self._b_K, clip=not normed).view(b, n, kv, dh))
+            v = self.hook_v(self._project(src, self._W_V, self._b_V).view(b, n, kv, dh))
         if normed:
             q, k = self._clip(self._qk_norm(self.q_norm, q)), self._clip(self._qk_norm(self.k_norm, k))
         if frame.rotary is not None:

@@ -65,6 +65,13 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()
         if cfg.post_ln:
             self.hook_normalized_resid_post = HookPoint()
+        # TransformerLens' opt-in hook points (model.set_use_split_qkv_input / set_use_attn_in / set_use_hook_mlp_in).
+        if cfg.use_split_qkv_input:
+            self.hook_q_input, self.hook_k_input, self.hook_v_input = HookPoint(), HookPoint(), HookPoint()
+        if cfg.use_attn_in:
+            self.hook_attn_in = HookPoint()
+        if cfg.use_hook_mlp_in and not cfg.attn_only:
+            self.hook_mlp_in = HookPoint()
 
     @property
     def mlp_norm(self) -> Norm | None:
@@ -79,14 +86,19 @@ class Block(nn.Module):
             return self._post_ln(resid, frame, cross)
         resid_pre = self.hook_resid_pre(resid)
         attn_in = self.ln1(resid_pre) if self.ln1 is not None else resid_pre
-        attn_out = self.attn(attn_in, frame)
+        attn_out = self.attn(attn_in, frame, self._head_inputs(resid_pre))
         if self.ln1_post is not None:
             attn_out = self.ln1_post(attn_out)
         attn_out = self.hook_attn_out(attn_out)
         if self.cfg.attn_only:
             return self.hook_resid_post(resid_pre + attn_out)
         if self.cfg.parallel_attn_mlp:
-            mlp_in = attn_in if self.cfg.shared_norm else (self.ln2(resid_pre) if self.ln2 is not None else resid_pre)
+            if hasattr(self, "hook_mlp_in"):
+                mlp_resid = self.hook_mlp_in(resid_pre.clone())
+                norm = self.ln1 if self.cfg.shared_norm else self.ln2
+                mlp_in = norm(mlp_resid) if norm is not None else mlp_resid
+            else:
+                mlp_in = attn_in if self.cfg.shared_norm else (self.ln2(resid_pre) if self.ln2 is not None else resid_pre)
             mlp_out = self.hook_mlp_out(self._mlp(mlp_in))
             return self.hook_resid_post(resid_pre + attn_out + mlp_out)
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
@@ -94,9 +106,28 @@ class Block(nn.Module):
             cross_in = self.ln2(resid_mid) if self.ln2 is not None else resid_mid
             resid_mid = self.hook_resid_mid_cross(resid_mid + self.hook_cross_attn_out(self.cross_attn(cross_in, cross)))
         norm = self.mlp_norm
-        mlp_in = norm(resid_mid) if norm is not None else resid_mid
+        mlp_resid = self.hook_mlp_in(resid_mid.clone()) if hasattr(self, "hook_mlp_in") else resid_mid
+        mlp_in = norm(mlp_resid) if norm is not None else mlp_resid
         mlp_out = self.hook_mlp_out(self._mlp(mlp_in))
         return self.hook_resid_post(resid_mid + mlp_out)
+
+    def _head_inputs(self, resid: torch.Tensor):
+        """TransformerLens' per-head copies of the attention input (before the norm), when switched on:
+        (q input [b, p, n_heads, d_model], k input, v input [b, p, n_kv_heads, d_model]), normalised; or None."""
+        split, shared = hasattr(self, "hook_q_input"), hasattr(self, "hook_attn_in")
+        if not (split or shared):
+            return None
+        h, kv = self.cfg.n_heads, self.cfg.n_kv_heads
+        copies = lambda n: resid[:, :, None].expand(-1, -1, n, -1).clone()  # noqa: E731
+        if shared:
+            attn_in = self.hook_attn_in(copies(h))
+            q_in = attn_in
+            k_in = v_in = attn_in[:, :, :: h // kv]  # a KV head reads its group's first copy
+        if split:
+            q_in, k_in, v_in = (self.hook_q_input(copies(h)), self.hook_k_input(copies(kv)),
+                                self.hook_v_input(copies(kv)))
+        norm = self.ln1
+        return tuple(norm(t) if norm is not None else t for t in (q_in, k_in, v_in))
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         out = self.mlp(x)

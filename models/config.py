@@ -76,6 +76,11 @@ class TransformerConfig:
     router_weights_fp32: bool = False  # weight the experts' outputs in float32 before the cast (Mixtral)
     d_mlp_shared: int | None = None  # a shared expert of this width, gated by sigmoid(x W_shared_gate) (Qwen2-MoE)
     dense_layers: list[int] | None = None  # layers whose MLP stays dense (width d_mlp) in an MoE model
+    # ---- TransformerLens' opt-in hook points (models/tl_compat.py: model.set_use_...)
+    use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_attn_in: bool = False
+    use_hook_mlp_in: bool = False
     # ---- encoder-decoder (HookedEncoderDecoder): n_layers counts the encoder's blocks
     encoder_decoder: bool = False
     n_decoder_layers: int | None = None  # None: n_layers

@@ -15,11 +15,17 @@ from models.attention import KVCache
 
 
 def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
-            generator: torch.Generator | None) -> torch.Tensor:
+            generator: torch.Generator | None, freq_penalty: float = 0.0,
+            tokens: torch.Tensor | None = None) -> torch.Tensor:
     # logits: [batch, d_vocab] -> [batch]
     if not do_sample or temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
+    if freq_penalty:
+        # TransformerLens' frequency penalty: each earlier occurrence of a token (prompt included) lowers its
+        # logit by freq_penalty, after the temperature; greedy decoding ignores it, as there.
+        counts = torch.zeros_like(logits).scatter_add_(-1, tokens, torch.ones_like(tokens, dtype=logits.dtype))
+        logits = logits - freq_penalty * counts
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -51,19 +57,39 @@ def generate(
     fwd_hooks=(),
     return_type: str = "auto",
     attention_mask: torch.Tensor | None = None,
+    verbose: bool = False,
+    use_past_kv_cache: bool | None = None,
+    freq_penalty: float = 0.0,
+    padding_side: str | None = None,
 ):
     """Continue `input` (a string, list of strings, or token ids) by up to `max_new_tokens`.
 
     Returns strings for string input (`return_type="str"`), token ids `[batch, pos]`
-    (prompt + continuation) for token input or `return_type="tokens"`. Batches of
-    strings are left-padded so every row continues from its own last token; token input
-    may be left-padded too, with its `attention_mask` (1 = real token).
+    (prompt + continuation) for token input or `return_type="tokens"`; "input" (as
+    TransformerLens) and "auto" both give the input's kind. Batches of strings are
+    left-padded so every row continues from its own last token; token input may be
+    left-padded too, with its `attention_mask` (1 = real token).
+
+    TransformerLens' keywords: `verbose` (a progress bar), `use_past_kv_cache` (=
+    `use_kv_cache`), `freq_penalty` (sampling only), `prepend_bos`, `padding_side`,
+    `stop_at_eos`, `temperature`, `top_k`, `top_p`. Unlike TransformerLens, decoding is
+    greedy unless `do_sample=True`, so the same call gives the same text.
     """
+    from tqdm.auto import tqdm
+
+    if freq_penalty < 0:
+        raise ValueError(f"freq_penalty must be non-negative, got {freq_penalty}")
+    if return_type not in ("auto", "input", "str", "tokens"):
+        raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+    if use_past_kv_cache is not None:
+        use_kv_cache = use_past_kv_cache
     cfg = model.cfg
     if not cfg.causal or model.unembed is None:
         raise ValueError(f"generate needs a causal language model with an unembedding; {cfg.model_name} is not one")
     as_text = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))
     if as_text:
+        if padding_side not in (None, "left"):
+            raise ValueError("generation continues each row from its last token: batches are padded on the left")
         tok = model.tokenize(input, prepend_bos=prepend_bos, padding_side="left")
         tokens, mask = tok.tokens.to(model.device), tok.attention_mask.to(model.device)
     else:
@@ -89,13 +115,14 @@ def generate(
     hooks = model.hooks(fwd_hooks) if fwd_hooks else contextlib.nullcontext()
     with torch.no_grad(), hooks:
         step_input = tokens
-        for _ in range(max(max_new_tokens, 0)):
+        for _ in tqdm(range(max(max_new_tokens, 0)), disable=not verbose, desc="generating"):
             if cache is not None:
                 logits = model(step_input, attention_mask=mask if cache.length == 0 else mask[:, -step_input.shape[1]:],
                                past_kv=cache, return_type="logits")
             else:
                 logits = model(tokens, attention_mask=mask, return_type="logits")
-            next_tok = _sample(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            next_tok = _sample(logits[:, -1], do_sample, temperature, top_k, top_p, generator, freq_penalty,
+                               tokens.masked_fill(mask == 0, pad) if freq_penalty else None)
             next_tok = torch.where(finished, torch.full_like(next_tok, pad), next_tok)
             tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(next_tok[:, None])], dim=1)
@@ -104,7 +131,7 @@ def generate(
                 finished |= next_tok == eos_token_id
                 if bool(finished.all()):
                     break
-    if return_type == "tokens" or (return_type == "auto" and not as_text):
+    if return_type == "tokens" or (return_type in ("auto", "input") and not as_text):
         return tokens
     if not as_text:
         return [model.to_string(row) for row in tokens]
@@ -153,7 +180,7 @@ def generate_seq2seq(model, input, max_new_tokens: int = 20, *, attention_mask=N
                 finished |= nxt == eos
                 if bool(finished.all()):
                     break
-    if return_type == "tokens" or (return_type == "auto" and not as_text):
+    if return_type == "tokens" or (return_type in ("auto", "input") and not as_text):
         return out
     texts = model.to_string(out, skip_special_tokens=True)
     return texts[0] if isinstance(input, str) else texts

@@ -20,6 +20,7 @@ from models.block import Block
 from models.components import Embed, MLMHead, Norm, PosEmbed, TokenTypeEmbed, Unembed
 from models.config import TransformerConfig
 from models.rotary import Rotary
+from models.tl_compat import TransformerLensModelMethods
 from models.weight_views import NoUnembedError, WeightViews
 from models.tokenizer import (
     ContextLengthError,
@@ -30,7 +31,7 @@ from models.tokenizer import (
 )
 
 
-class HookedTransformer(WeightViews, HookedRootModule):
+class HookedTransformer(WeightViews, TransformerLensModelMethods, HookedRootModule):
     """A transformer whose every activation is a named hook point (see DESIGN.md for the names).
 
     Build one from a config (random weights, e.g. to train) or load a checkpoint with
@@ -70,6 +71,8 @@ class HookedTransformer(WeightViews, HookedRootModule):
             self.unembed = Unembed(cfg, tied_to=self.embed if cfg.tied_embeddings else None)
         else:
             self.unembed = None
+        if cfg.use_attn_result:
+            self.set_use_attn_result(True)
         self.setup_hooks()
         if init_weights:
             self.init_weights()

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from models.config import TransformerConfig
-from models.convert import convert_hf
 from models.hooked_transformer import HookedTransformer
-from models.registry import REGISTRY, UnknownModelError, resolve
+from models.registry import REGISTRY, UnknownModelError, load_path
+from models.tokenizer import LIGHT_SPEC, LightTokenizer, transformers_tokenizer, write_light_spec
 
 OUR_CONFIG = "interp_config.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
@@ -46,6 +46,8 @@ def load(
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if isinstance(source, nn.Module):
+        from models.convert import convert_hf
+
         hf_config = getattr(source, "config", None)
         if hf_config is None:
             raise TypeError("a module without a transformers config cannot be converted; use interp.attach(module)")
@@ -56,7 +58,9 @@ def load(
         model = _load_nanogpt(Path(str(source)).expanduser(), tokenizer, name)
     else:
         directory, label = _locate(str(source), revision)
-        model = load_directory(directory, tokenizer, name=name or label)
+        converted = revision is None and str(source) in REGISTRY and REGISTRY[str(source)].converted is not None
+        # A converted cache keeps the model_name it was converted with; name= renames it, as it names a conversion.
+        model = load_directory(directory, tokenizer, name=name or label, model_name=name if converted else None)
     model.to(device=device, dtype=dtype)
     model.requires_grad_(False)
     model.eval()
@@ -83,7 +87,7 @@ def _locate(source: str, revision: str | None = None) -> tuple[Path, str]:
     if revision is not None:
         return _from_hub(source, revision), f"{source}@{revision}"
     if source in REGISTRY:
-        return resolve(source), source
+        return load_path(source), source
     path = Path(source).expanduser()
     if path.is_dir():
         return path, path.name
@@ -107,14 +111,22 @@ def _from_hub(name: str, revision: str | None = None) -> Path:
         ) from None
 
 
-def load_directory(directory: Path, tokenizer=None, name: str | None = None) -> HookedTransformer:
+def load_directory(directory: Path, tokenizer=None, name: str | None = None,
+                   model_name: str | None = None) -> HookedTransformer:
+    """A directory in our own format (interp_config.json: no `transformers` import, no converter) or
+    in Hugging Face format (config through `transformers.AutoConfig`, then the converter).
+    model_name: replaces the model_name saved in our format (Hugging Face directories take `name`)."""
     directory = Path(directory)
     label = name or directory.name
     if (directory / OUR_CONFIG).exists():
         cfg = TransformerConfig.from_dict(json.loads((directory / OUR_CONFIG).read_text()))
+        if model_name is not None:
+            cfg = cfg.replace(model_name=model_name)
         weights = read_weights(directory)
     else:
         from transformers import AutoConfig
+
+        from models.convert import convert_hf
 
         if not (directory / "config.json").exists():
             raise UnknownModelError(f"{directory} has no config.json (nor {OUR_CONFIG}); is it a model directory?")
@@ -126,15 +138,28 @@ def load_directory(directory: Path, tokenizer=None, name: str | None = None) -> 
 
 
 def load_tokenizer(directory: Path):
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    """The tokenizer of a model directory: a LightTokenizer (`tokenizers` only, see models/tokenizer.py)
+    where the directory holds interp_tokenizer.json, else `transformers.AutoTokenizer`."""
+    directory = Path(directory)
+    if (directory / LIGHT_SPEC).exists():
+        return LightTokenizer.from_directory(directory)
+    return transformers_tokenizer(directory)
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+
+def save_converted(hf_directory: Path, out: Path, model_name: str) -> None:
+    """Write what `load_directory(hf_directory)` gives in our own format into `out` (interp_config.json,
+    model.safetensors, the tokenizer files), plus interp_tokenizer.json when a LightTokenizer behaves as
+    the `transformers` tokenizer there. Loading `out` then needs neither `transformers` nor the
+    converter, and gives the same model bit for bit."""
+    model = load_directory(hf_directory, name=model_name)
+    save_model(model, out)
+    again = TransformerConfig.from_dict(json.loads((Path(out) / OUR_CONFIG).read_text()))
+    if again != model.cfg:
+        raise RuntimeError(f"the config of {model_name} does not survive its JSON round trip: {again} != {model.cfg}")
+    if model.tokenizer is not None:
+        # The tokenizer loading hf_directory gave, and the one `out` itself gives through transformers
+        # (what a LightTokenizer falls back to).
+        write_light_spec(out, [model.tokenizer, transformers_tokenizer(out)])
 
 
 def read_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -204,16 +204,19 @@ def test_result_frame_plot_save(llama, tmp_path):
     assert list(frame["layer"]) == [0, 1]
     assert frame["test_accuracy"].tolist() == result.test_accuracy.tolist()
     assert frame["selectivity"].tolist() == pytest.approx((result.test_accuracy - result.control_accuracy).tolist())
+    from matplotlib.figure import Figure
+
     fig = result.plot()
-    assert fig.svg.startswith("<svg") and fig._repr_svg_() == fig.svg and "control" in fig.svg
-    assert "<table" in result._repr_html_()
+    assert isinstance(fig, Figure)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["test", "control", "chance"]
+    assert "<table" in result._repr_html_() and "<svg" in result._repr_html_()
     page = result.save(tmp_path)
     assert page.exists() and "<svg" in page.read_text()
     data = json.loads((tmp_path / "linear_probe.json").read_text())
     assert data["classes"] == ["cat", "dog"] and len(data["layers"]) == 2
     assert data["best_layer"] == result.best_layer()
     single = linear_probe(llama, examples, animals, hook="hook_embed", control=False)
-    assert single.layers == ["hook_embed"] and single.plot().svg.startswith("<svg")
+    assert single.layers == ["hook_embed"] and isinstance(single.plot(), Figure)
     single.save(tmp_path / "single")  # strict JSON: the missing control is null, not NaN
     assert json.loads((tmp_path / "single" / "linear_probe.json").read_text())["layers"][0]["control_accuracy"] is None
 

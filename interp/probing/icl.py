@@ -37,21 +37,18 @@ class ICLResult:
                              "loss": self.loss_per_position.tolist()})
 
     def plot(self):
-        from interp.svg import line_chart_svg
+        """The loss at each position of the repeated sequence -> `Figure`."""
+        from interp.plots import line_chart
 
-        return _SVG(line_chart_svg({self.model_name: self.loss_per_position.tolist()}, x_label="position",
-                                   y_label="loss (nats)"))
+        n = len(self.loss_per_position)
+        return line_chart({self.model_name: self.loss_per_position.tolist()}, x=range(1, n + 1), x_label="position",
+                          y_label="loss (nats)",
+                          title=f"next-token loss on {self.n_repeats} copies of {self.seq_len} random tokens")
 
     def _repr_html_(self) -> str:
-        return self.plot().svg
+        from interp.plots import to_svg
 
-
-class _SVG:
-    def __init__(self, svg: str) -> None:
-        self.svg = svg
-
-    def _repr_svg_(self) -> str:
-        return self.svg
+        return to_svg(self.plot())
 
 
 def is_language_model(model) -> bool:

@@ -228,15 +228,16 @@ class LinearProbeResult:
             "selectivity": self.selectivity.tolist(), "chance": [self.chance] * len(self.layers),
         })
 
-    def plot(self) -> "SVGFigure":
-        from interp.svg import line_chart_svg
+    def plot(self):
+        """Held-out accuracy per layer: the probe, the shuffled-label control and chance -> `Figure`."""
+        from interp.plots import line_chart
 
         n = len(self.layers)
         series = {"test": self.test_accuracy.tolist(), "control": self.control_accuracy.tolist(),
                   "chance": [self.chance] * n}
-        if n == 1:  # a line needs two points
-            series = {k: v * 2 for k, v in series.items()}
-        return SVGFigure(line_chart_svg(series, x_label="layer", y_label="held-out accuracy"))
+        return line_chart(series, x_ticks=[str(layer) for layer in self.layers], x_label="layer",
+                          y_label="held-out accuracy", ylim=(0, 1.02), markers=True,
+                          styles={"control": {"linestyle": "--"}, "chance": {"linestyle": ":", "marker": None}})
 
     def to_dict(self) -> dict:
         return {"model": self.model_name, "hook": self.hook, "position": self.position,
@@ -256,20 +257,14 @@ class LinearProbeResult:
         page = Page(f"Linear probe: {self.hook}", run)
         page.text(f"Best layer: {self.best_layer()}. The control fits the same probe to shuffled labels; "
                   "selectivity = test - control.")
-        page.figure(self.plot().svg, "Held-out accuracy per layer: probe (test), shuffled-label control, chance")
+        page.figure(self.plot(), "Held-out accuracy per layer: probe (test), shuffled-label control, chance")
         page.table(self.to_frame().to_dict(orient="records"))
         return page.save(directory / "linear_probe.html")
 
     def _repr_html_(self) -> str:
-        return self.to_frame().to_html(index=False) + self.plot().svg
+        from interp.plots import to_svg
 
-
-class SVGFigure:
-    def __init__(self, svg: str) -> None:
-        self.svg = svg
-
-    def _repr_svg_(self) -> str:
-        return self.svg
+        return self.to_frame().to_html(index=False) + to_svg(self.plot())
 
 
 def linear_probe(model, examples: Sequence, labels: Sequence, hook: str = "resid_post",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from interp.svg import bar_chart_svg, heatmap_svg, line_chart_svg, trajectory_svg
+from interp.plots import bar_chart, heatmap, line_chart, trajectory
 
 
 def _series(result, names: dict[str, str]) -> dict[str, list[float]]:
@@ -13,34 +13,41 @@ def _series(result, names: dict[str, str]) -> dict[str, list[float]]:
     return {label: per[key].tolist() for key, label in names.items() if key in per}
 
 
-def curves_svg(result) -> str:
-    """The headline curves: sense separation if there are senses, else context-specificity."""
+def _per_layer(result, names: dict[str, str], y_label: str = "", **kwargs):
+    """A line chart over the layers ('embed', 1, 2, ...) of the named per-layer measures."""
+    return line_chart(_series(result, names), x_ticks=result.layer_labels, x_label="layer", y_label=y_label, **kwargs)
+
+
+def curves(result):
+    """The headline curves -> `Figure`: sense separation if there are senses, else context-specificity."""
     if result.centroid_accuracy is not None:
-        return line_chart_svg(_series(result, {"centroid_accuracy": "nearest centroid", "probe_accuracy": "probe",
-                                               "probe_control": "probe, shuffled"}),
-                              x_label="layer", y_label="accuracy")
-    return line_chart_svg(_series(result, {"self_similarity_adj": "self-sim (adj)", "mev_adj": "MEV (adj)"}),
-                          x_label="layer", y_label="")
+        chance = 1 / len(result.trace.senses) if result.trace.senses else None
+        fig = _per_layer(result, {"centroid_accuracy": "nearest centroid", "probe_accuracy": "probe",
+                                  "probe_control": "probe, shuffled"}, "accuracy", ylim=(0, 1.02),
+                         styles={"probe, shuffled": {"linestyle": "--"}},
+                         title=f"{result.word!r}: which sense, read from its vector")
+        if chance:
+            fig.axes[0].axhline(chance, color="#888888", linestyle=":", linewidth=1)
+        return fig
+    return _per_layer(result, {"self_similarity_adj": "self-sim (adj)", "mev_adj": "MEV (adj)"}, "minus baseline",
+                      title=f"{result.word!r}: context-specificity")
 
 
-def figures(result) -> list[tuple[str, str]]:
-    """(svg, caption) for every per-layer figure of the result."""
+def figures(result) -> list[tuple[object, str]]:
+    """(Figure, caption) for every per-layer figure of the result."""
     word = result.word
-    out = [(line_chart_svg(_series(result, {"cos_to_static": "cos to static", "relative_shift": "|shift| / |v|"}),
-                           x_label="layer", y_label=""),
+    out = [(_per_layer(result, {"cos_to_static": "cos to static", "relative_shift": "|shift| / |v|"}),
             f"How far {word!r} moves from its static (layer-0) vector: cosine to it, and the norm of the shift "
             "relative to the vector's norm (means over contexts).")]
-    out.append((line_chart_svg(_series(result, {"self_similarity_adj": "self-similarity", "intra_sentence_adj":
-                                                "intra-sentence", "mev_adj": "MEV"}), x_label="layer",
-                               y_label="minus baseline"),
+    out.append((_per_layer(result, {"self_similarity_adj": "self-similarity", "intra_sentence_adj": "intra-sentence",
+                                    "mev_adj": "MEV"}, "minus baseline"),
                 "Ethayarajh (2019), each minus its anisotropy baseline (random tokens of other contexts, same "
                 "layer). Low self-similarity: the vector is context-specific."))
     if result.centroid_accuracy is not None:
-        out.append((curves_svg(result), "Sense read-out: leave-one-out nearest-sense-centroid accuracy, "
+        out.append((curves(result), "Sense read-out: leave-one-out nearest-sense-centroid accuracy, "
                     f"{result.probe.folds if result.probe else '-'}-fold logistic probe, and the probe on "
-                    "shuffled labels (balanced within each sense)."))
-        out.append((line_chart_svg(_series(result, {"within_sense": "within sense", "between_sense": "between senses"}),
-                                   x_label="layer", y_label="cosine"),
+                    "shuffled labels (balanced within each sense); dotted: chance."))
+        out.append((_per_layer(result, {"within_sense": "within sense", "between_sense": "between senses"}),
                     "Mean cosine between contexts of the same sense and of different senses."))
     return out
 
@@ -76,25 +83,27 @@ def write_sections(page, result, level: int = 2) -> None:
     for note in t.notes:
         page.text(f"Note: {note}.")
     page.heading("Per layer", level)
-    for svg, caption in figures(result):
-        page.figure(svg, caption)
+    for fig, caption in figures(result):
+        page.figure(fig, caption)
     rows = result.to_frame().round(3).to_dict("records")
     page.table(rows, caption="Every per-layer measure (layer 'embed' is the static vector the first block reads)")
 
     labels = t.labels or [f"context {i}" for i in range(len(t.contexts))]
     short = [f"{labels[i]} {i}" for i in range(len(t.contexts))]
     page.heading("Similarity between contexts", level)
-    page.figures([heatmap_svg(result.geometry.pairwise[l], short, [str(i) for i in range(len(short))],
-                              cell=14 if len(short) > 16 else 24, title=f"cosine at {result.layer_labels[l]}")
+    page.figures([heatmap(result.geometry.pairwise[l], short, [str(i) for i in range(len(short))],
+                          title=f"cosine at layer {result.layer_labels[l]}", signed=True, annotate=False,
+                          cell=0.12 if len(short) > 16 else 0.2)
                   for l in _layers_to_show(result)],
                  caption="Cosine between every two contexts' vectors of the word (rows labelled sense and index).")
     if result.trajectory is not None:
         share = result.trajectory_share.tolist()
         page.heading("Trajectories", level)
-        page.figure(trajectory_svg(result.trajectory, labels, [f"{labels[i]}: {c}" for i, c in enumerate(t.contexts)],
-                                   title=f"{t.word!r}, layer 0 (dot) to the last layer (ring)"),
+        page.figure(trajectory(result.trajectory, labels, point_labels=[str(i) for i in range(len(t.contexts))],
+                               title=f"{t.word!r}, layer 0 (dot) to the last layer (ring)"),
                     f"Each context's vector across layers in 2-D (PCA of unit vectors centred per layer; the axes "
-                    f"hold {100 * share[0]:.0f}% and {100 * share[1]:.0f}% of the variance).")
+                    f"hold {100 * share[0]:.0f}% and {100 * share[1]:.0f}% of the variance); each ring is numbered "
+                    "with its context's index.")
 
     if result.lens is not None:
         page.heading("Logit lens at the word", level)
@@ -125,7 +134,8 @@ def write_sections(page, result, level: int = 2) -> None:
                 idx = [i for i, lab in enumerate(labels) if lab == sense]
                 for j, tok in enumerate(result.lens.tracked[:1]):
                     series[f"{sense}: log p({tok!r})"] = result.lens.tracked_logprobs[idx, :, j].mean(0).tolist()
-            page.figure(line_chart_svg(series, x_label="layer", y_label="log-prob"),
+            page.figure(line_chart(series, x_ticks=[result.layer_labels[layer] for layer in result.lens.layers],
+                                   x_label="layer", y_label="log-prob"),
                         f"Logit lens: mean log-probability of {result.lens.tracked[0]!r} at the word, per sense.")
     if result.nearest is not None:
         page.heading("Nearest token embeddings", level)
@@ -139,7 +149,8 @@ def write_sections(page, result, level: int = 2) -> None:
     for att in result.attributions:
         page.heading(f"What carries {att.a} vs {att.b} after {att.layer} blocks", level)
         top = att.top(12)
-        page.figure(bar_chart_svg([c for c, _ in top], [abs(v) for _, v in top], value_format="{:.2f}"),
+        page.figure(bar_chart([c for c, _ in top], [abs(v) for _, v in top], value_format="{:.2f}",
+                              x_label="|contribution|"),
                     f"|contribution| to ||mean({att.a}) - mean({att.b})|| = {att.distance:.2f} (signed values in the "
                     "table; the contributions of all components sum to the distance exactly).")
         page.table([{"component": c, "contribution": v, "share": v / att.distance} for c, v in top])

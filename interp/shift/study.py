@@ -95,11 +95,12 @@ class ShiftResult:
         out["attributions"] = [a.to_dict() for a in self.attributions]
         return out
 
-    def plot(self) -> str:
-        """Per-layer curves as inline SVG."""
-        from interp.shift.figures import curves_svg
+    def plot(self):
+        """The headline per-layer curves -> `Figure`: sense read-out accuracy (with senses), else
+        context-specificity. The report's other figures: `interp.shift.figures.figures(result)`."""
+        from interp.shift.figures import curves
 
-        return curves_svg(self)
+        return curves(self)
 
     def save(self, directory, name: str | None = None):
         """`{name}.json` (every number) and `{name}.html` (the report, offline)."""
@@ -108,7 +109,9 @@ class ShiftResult:
         return save_result(self, directory, name)
 
     def _repr_html_(self) -> str:
-        return self.plot()
+        from interp.plots import to_svg
+
+        return to_svg(self.plot())
 
 
 def shift_study(model, word: str, contexts: list[str], labels: list[str] | None = None, *,
