@@ -9,6 +9,7 @@
     interp shift     contextual-embedding shift: the built-in "mole" and "tower" studies, or your word
     interp circuits  circuits from the weights: the framework study, or any model's heads
     interp cache     run prompts and save the activations whose hook names match
+    interp collect   activations over a corpus (default: Wikipedia summaries) to sharded safetensors
 
 Every analysis takes --model, --out, --device and --dtype; prompts come from flags or a
 file (--prompts-file, one per line). Errors print one line and exit non-zero
@@ -182,6 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--names", nargs="+", default=None,
                        help="hook-name globs, e.g. 'blocks.*.hook_resid_post' 'blocks.3.attn.hook_pattern' (default all)")
     cache.set_defaults(func=_command("cache"))
+
+    collect = sub.add_parser("collect", help="activations over a corpus to sharded safetensors + manifest.json "
+                                             "(reports/activations); a killed run resumes")
+    _common(collect, "reports/activations")
+    collect.add_argument("--corpus", default="wiki", help="'wiki' (the bundled English Wikipedia summaries), a .txt/"
+                                                         ".jsonl/.json file, a folder of them, or token ids (.npy, "
+                                                         ".safetensors)")
+    collect.add_argument("--hooks", nargs="+", required=True,
+                         help="hook names or globs, e.g. 'blocks.5.hook_resid_post' 'blocks.*.hook_mlp_out'")
+    collect.add_argument("--seq-len", type=int, default=128, help="tokens per packed sequence (default 128)")
+    collect.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    collect.add_argument("--max-sequences", type=int, default=None)
+    collect.add_argument("--max-tokens", type=int, default=None)
+    collect.add_argument("--positions", nargs="+", type=int, default=None,
+                         help="keep only these positions (negative from the end), e.g. --positions -1")
+    collect.add_argument("--store-dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                         help="what activations are stored as (default: the model's dtype)")
+    collect.add_argument("--shard-mb", type=float, default=256, help="about how big each shard is (default 256)")
+    collect.add_argument("--no-bos", action="store_true", help="pack without BOS (token corpora with separators)")
+    collect.set_defaults(func=_command("collect"))
     return parser
 
 

@@ -1,4 +1,4 @@
-"""What `interp heads|patch|circuits|cache` do (the parser is in analyses/cli.py)."""
+"""What `interp heads|patch|circuits|cache|collect` do (the parser is in analyses/cli.py)."""
 
 from __future__ import annotations
 
@@ -145,3 +145,23 @@ def cache(args) -> Path:
     size = sum(t.numel() * t.element_size() for t in data.values())
     print(f"wrote {out}: {len(names)} activations, {size / 2 ** 20:.1f} MiB (torch.load(path) to read)")
     return out
+
+
+def collect(args) -> Path:
+    """Activations of --hooks over --corpus, written as shards + manifest.json (interp.collect)."""
+    from interp.collect import collect_activations
+
+    if args.corpus != "wiki" and not Path(args.corpus).exists():
+        raise FileNotFoundError(f"--corpus {args.corpus} does not exist: give 'wiki', a text file, a folder or a "
+                                "token file (.npy, .safetensors)")
+    model = loader(args)(args.model)
+    ds = collect_activations(
+        model, args.corpus, args.hooks, args.out, seq_len=args.seq_len, positions=args.positions,
+        dtype=args.store_dtype, batch_size=args.batch_size, shard_bytes=int(args.shard_mb * 2**20),
+        max_sequences=args.max_sequences, max_tokens=args.max_tokens, prepend_bos=False if args.no_bos else None,
+    )
+    for hook in ds.hooks:
+        print(f"{hook:<40} {list(ds.shape(hook))} {ds.manifest['hooks'][hook]['dtype']}")
+    print(f"wrote {ds.path}: {ds.n_sequences} sequences x {len(ds.positions)} positions in {len(ds.shards)} shards "
+          "(interp.collect.ActivationDataset(path) to read)")
+    return ds.path

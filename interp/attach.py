@@ -102,8 +102,9 @@ class AttachedHookPoint(HookPoint):
         self._count_handle = None
         self._n = -1  # calls of the module seen in this forward, minus one
 
-    def add_hook(self, fn, dir: str = "fwd", is_permanent: bool = False, prepend: bool = False) -> HookHandle:
-        handle = super().add_hook(fn, dir, is_permanent, prepend)
+    def add_hook(self, fn, dir: str = "fwd", is_permanent: bool = False, prepend: bool = False,
+                 read_only: bool = False) -> HookHandle:
+        handle = super().add_hook(fn, dir, is_permanent, prepend, read_only=read_only)
         handle.__class__ = AttachedHandle
         self._sync()
         return handle

@@ -7,8 +7,11 @@ from typing import Iterator
 
 import torch
 
+from interp.cache_stacks import stack_cache
 from interp.cache_tl import TransformerLensCacheMethods
+from interp.devices import one_device
 from interp.names import resolve_key, unknown_name_error
+from interp.offload import Offload
 
 
 def unique_nbytes(tensors) -> int:
@@ -81,6 +84,15 @@ class ActivationCache(TransformerLensCacheMethods, Mapping):
     def __repr__(self) -> str:
         return f"ActivationCache({len(self)} activations, {self.nbytes / 2**20:.1f} MiB)"
 
+    def _store(self, name: str, tensor: torch.Tensor) -> None:
+        """Add an activation computed after the run (compute_head_results); a stack's view
+        (cache.decoder) writes it through to the whole cache as well."""
+        self.cache_dict[name] = tensor
+        parent = getattr(self, "_parent", None)
+        if parent is not None:
+            whole, prefix = parent
+            whole._store(prefix + name, tensor)
+
     # ------------------------------------------------------------------ housekeeping
     @property
     def nbytes(self) -> int:
@@ -88,12 +100,12 @@ class ActivationCache(TransformerLensCacheMethods, Mapping):
         return unique_nbytes(self.cache_dict.values())
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "ActivationCache":
-        moved: dict[int, torch.Tensor] = {}
-        out = {}
-        for k, v in self.cache_dict.items():
-            if id(v) not in moved:
-                moved[id(v)] = v.to(device=device, dtype=dtype if v.is_floating_point() else None)
-            out[k] = moved[id(v)]
+        """The cache on `device` in `dtype` (floating point only); a tensor stored under two names is moved once.
+        A CUDA cache bound for the host is copied through pinned memory by a side stream, with one wait at the
+        end instead of one per tensor (interp.offload)."""
+        offload = Offload(device, dtype)
+        out = {k: offload(v) for k, v in self.cache_dict.items()}
+        offload.finish()
         return ActivationCache(out, self.model, self.has_batch_dim)
 
     def remove_batch_dim(self) -> "ActivationCache":
@@ -116,7 +128,7 @@ class ActivationCache(TransformerLensCacheMethods, Mapping):
         n_layers = self.model.cfg.n_layers
         names = [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)]
         names.append(self.model.block_output_hook_name(n_layers - 1))
-        return torch.stack([self[n] for n in names])
+        return torch.stack(one_device([self[n] for n in names]))
 
     def head_results(self, layer: int) -> torch.Tensor:
         """Each head's output `[batch, pos, n_heads, d_model]` (attn_out = their sum + b_O, except in
@@ -125,12 +137,35 @@ class ActivationCache(TransformerLensCacheMethods, Mapping):
         The cached `hook_result` if there is one, else computed from the cached `hook_z`
         and the layer's W_O, so a default cache (which leaves hook_result out) has it too.
         """
-        name = f"blocks.{layer}.attn.hook_result"
+        return self._head_results(layer, "attn")
+
+    def cross_head_results(self, layer: int) -> torch.Tensor:
+        """Each cross-attention head's output in a decoder block of an encoder-decoder (`cache.decoder`),
+        `[batch, pos, n_heads, d_model]`: they sum to hook_cross_attn_out less the bias."""
+        if not getattr(self.model.blocks[layer], "cross", False):
+            raise ValueError(f"block {layer} has no cross-attention (only the decoder of an encoder-decoder has; "
+                             "use cache.decoder)")
+        return self._head_results(layer, "cross_attn")
+
+    def _head_results(self, layer: int, owner: str) -> torch.Tensor:
+        name = f"blocks.{layer}.{owner}.hook_result"
         if name in self.cache_dict:
             return self.cache_dict[name]
-        z = self["z", layer]  # [batch, pos, n_heads, d_head]
-        W_O = self.model.blocks[layer].attn.W_O  # [n_heads, d_head, d_model]
-        return torch.einsum("...hk,hkd->...hd", z, W_O.to(z.dtype))
+        z = self[f"blocks.{layer}.{owner}.hook_z"]  # [batch, pos, n_heads, d_head]
+        W_O = getattr(self.model.blocks[layer], owner).W_O  # [n_heads, d_head, d_model]
+        return torch.einsum("...hk,hkd->...hd", z, W_O.to(z.device, z.dtype))
+
+    # ------------------------------------------------------------------ the stacks of an encoder-decoder
+    @property
+    def encoder(self) -> "ActivationCache":
+        """The encoder's activations, names without "encoder." (interp.cache_stacks): TransformerLens'
+        cache methods apply to it."""
+        return stack_cache(self, "encoder")
+
+    @property
+    def decoder(self) -> "ActivationCache":
+        """The decoder's activations, names without "decoder." (interp.cache_stacks), cross-attention included."""
+        return stack_cache(self, "decoder")
 
     def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None) -> torch.Tensor:
         """One activation for every layer before `layer` (default all), stacked on a new leading `layer`
@@ -138,4 +173,4 @@ class ActivationCache(TransformerLensCacheMethods, Mapping):
         layer = self.model.cfg.n_layers if layer is None or layer == -1 else layer
         keys = [(activation_name, l) if sublayer_type is None else (activation_name, l, sublayer_type)
                 for l in range(layer)]
-        return torch.stack([self[k] for k in keys])
+        return torch.stack(one_device([self[k] for k in keys]))

@@ -18,11 +18,16 @@ their stream into sublayer outputs (each sublayer's output is renormalised), so
 `resid_mid` (`incl_mid` / `mlp_input` refuse); families with a norm after each sublayer
 (Gemma 2/3, OLMo 2) decompose into `attn_out` / `mlp_out`, but a head's result is not its
 share of `attn_out`, so the full decomposition refuses them; MoE layers have no neurons.
+An encoder-decoder has two streams: the methods apply to `cache.encoder` and `cache.decoder`
+(interp.cache_stacks), where a decoder block's cross-attention is one more attention
+component (its output, its heads, the stream after it, ln3 before the MLP).
 """
 
 from __future__ import annotations
 
 import torch
+
+from interp.devices import one_device
 
 
 class Slice:
@@ -57,9 +62,17 @@ class TransformerLensCacheMethods:
     def _cfg(self):
         cfg = self.model.cfg
         if getattr(cfg, "encoder_decoder", False):
-            raise ValueError("TransformerLens' residual-stream methods are defined for one stack; an encoder-decoder "
-                             "has two: read its activations by name (cache['decoder.blocks.0.hook_resid_pre'])")
+            raise ValueError("an encoder-decoder has two residual streams: call these methods on one stack, "
+                             "cache.encoder or cache.decoder (e.g. cache.decoder.accumulated_resid())")
         return cfg
+
+    def _cross(self, layer: int) -> bool:
+        """Whether block `layer` has cross-attention (a decoder block of an encoder-decoder)."""
+        return getattr(self.model.blocks[layer], "cross", False)
+
+    def _mlp_input_name(self, layer: int) -> str:
+        """The stream the MLP of `layer` reads: resid_mid, or after cross-attention resid_mid_cross."""
+        return f"blocks.{layer}.hook_resid_mid_cross" if self._cross(layer) else f"blocks.{layer}.hook_resid_mid"
 
     def _layer(self, layer) -> int:
         n = self._cfg().n_layers
@@ -72,9 +85,12 @@ class TransformerLensCacheMethods:
 
     def _additive(self, what: str) -> None:
         if getattr(self._cfg(), "post_ln", False):
-            raise ValueError(f"{what}: in a post-LN model (BERT) every sublayer's output is renormalised, so the "
-                             "stream is not a sum of component outputs; use interp.shift.decompose, which "
-                             "linearises each norm at its real scale")
+            raise ValueError(f"{what}: in a post-LN model (BERT, BART, Marian) every sublayer's output is "
+                             "renormalised, so the stream is not a sum of component outputs; use "
+                             "interp.shift.decompose, which linearises each norm at its real scale")
+        if getattr(self.model, "ln_embed", None) is not None:
+            raise ValueError(f"{what}: {self.model.cfg.model_name} normalises its embeddings before the first "
+                             "block, so the stream is not the sum of the embeddings and the sublayer outputs")
 
     def _final_output(self) -> torch.Tensor:
         n = self._cfg().n_layers
@@ -101,7 +117,10 @@ class TransformerLensCacheMethods:
             if (incl_mid and l < layer) or (mlp_input and l == layer):
                 parts.append(self["resid_mid", l])
                 labels.append(f"{l}_mid")
-        stack = torch.stack([pos_slice.apply(p, dim=-2) for p in parts])
+                if self._cross(l):
+                    parts.append(self[f"blocks.{l}.hook_resid_mid_cross"])
+                    labels.append(f"{l}_mid_cross")
+        stack = torch.stack(one_device([pos_slice.apply(p, dim=-2) for p in parts]))
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input,
                                            has_batch_dim=self.has_batch_dim, recompute_ln=layer == n)
@@ -111,7 +130,8 @@ class TransformerLensCacheMethods:
                         apply_ln: bool = False, pos_slice=None, incl_embeds: bool = True,
                         return_labels: bool = False):
         """The stream entering `layer` as the sum of the embeddings and each earlier attention and MLP output
-        (`mode` "all", "attn" or "mlp"); with `mlp_input`, layer's own attention output too."""
+        (`mode` "all", "attn" or "mlp"; a decoder block's cross-attention counts as attention); with
+        `mlp_input`, layer's own attention output too."""
         self._additive("decompose_resid")
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"mode must be 'all', 'attn' or 'mlp', got {mode!r}")
@@ -126,17 +146,17 @@ class TransformerLensCacheMethods:
                 if key in self.cache_dict:
                     parts.append(self[key])
                     labels.append(label)
-        for l in range(layer):
+        for l in range(layer + (1 if mlp_input else 0)):
             if incl_attn:
                 parts.append(self["attn_out", l])
                 labels.append(f"{l}_attn_out")
-            if incl_mlp:
+                if self._cross(l):
+                    parts.append(self[f"blocks.{l}.hook_cross_attn_out"])
+                    labels.append(f"{l}_cross_attn_out")
+            if incl_mlp and l < layer:
                 parts.append(self["mlp_out", l])
                 labels.append(f"{l}_mlp_out")
-        if mlp_input and incl_attn:
-            parts.append(self["attn_out", layer])
-            labels.append(f"{layer}_attn_out")
-        stack = torch.stack([pos_slice.apply(p, dim=-2) for p in parts])
+        stack = torch.stack(one_device([pos_slice.apply(p, dim=-2) for p in parts]))
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
@@ -146,25 +166,32 @@ class TransformerLensCacheMethods:
         for l in range(self._cfg().n_layers):
             name = f"blocks.{l}.attn.hook_result"
             if name not in self.cache_dict:
-                self.cache_dict[name] = self.head_results(l)
+                self._store(name, self.head_results(l))
+            cross = f"blocks.{l}.cross_attn.hook_result"
+            if self._cross(l) and cross not in self.cache_dict:
+                self._store(cross, self.cross_head_results(l))
 
     def stack_head_results(self, layer: int = -1, return_labels: bool = False, incl_remainder: bool = False,
                            pos_slice=None, apply_ln: bool = False):
         """Every head's result in the layers before `layer`, `[n_heads x layers, *batch, pos, d_model]`
-        (labels "L{l}H{h}"), and with `incl_remainder` what the stream holds besides them."""
+        (labels "L{l}H{h}"; a decoder block's cross-attention heads follow its own, "L{l}H{h}_cross"), and
+        with `incl_remainder` what the stream holds besides them."""
         pos_slice = Slice(pos_slice)
         layer = self._layer(layer)
         labels, parts = [], []
         for l in range(layer):
             parts.append(pos_slice.apply(self.head_results(l), dim=-3))
             labels += [f"L{l}H{h}" for h in range(self.model.cfg.n_heads)]
+            if self._cross(l):
+                parts.append(pos_slice.apply(self.cross_head_results(l), dim=-3))
+                labels += [f"L{l}H{h}_cross" for h in range(self.model.cfg.n_heads)]
         if parts:
-            stack = torch.cat(parts, dim=-2).movedim(-2, 0)
+            stack = torch.cat(one_device(parts), dim=-2).movedim(-2, 0)
         else:
             stack = pos_slice.apply(self["hook_embed"], dim=-2)[None][:0]
         if incl_remainder:
             total = pos_slice.apply(self["resid_post", layer - 1] if layer > 0 else self["resid_pre", 0], dim=-2)
-            stack = torch.cat([stack, (total - stack.sum(0))[None]])
+            stack = torch.cat([stack, (total.to(stack.device) - stack.sum(0))[None]])
             labels.append("remainder")
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
@@ -196,13 +223,13 @@ class TransformerLensCacheMethods:
         labels = [f"L{l}N{n}" for l in range(layer) for n in ids]
         parts = [self.get_neuron_results(l, neuron_slice, pos_slice) for l in range(layer)]
         if parts:
-            stack = torch.cat(parts, dim=-2).movedim(-2, 0)
+            stack = torch.cat(one_device(parts), dim=-2).movedim(-2, 0)
         else:
             stack = pos_slice.apply(self["hook_embed"], dim=-2)[None][:0]
         if incl_remainder:
-            target = self["resid_mid", layer] if mlp_input else (self["resid_post", layer - 1] if layer > 0
-                                                                else self["resid_pre", 0])
-            stack = torch.cat([stack, (pos_slice.apply(target, dim=-2) - stack.sum(0))[None]])
+            target = self[self._mlp_input_name(layer)] if mlp_input else (
+                self["resid_post", layer - 1] if layer > 0 else self["resid_pre", 0])
+            stack = torch.cat([stack, (pos_slice.apply(target, dim=-2).to(stack.device) - stack.sum(0))[None]])
             labels.append("remainder")
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
@@ -239,9 +266,9 @@ class TransformerLensCacheMethods:
                 parts.append(pos_slice.apply(self[key], dim=-2)[None])
                 labels.append(label)
         bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
-        parts.append(bias.to(heads.dtype).expand((1,) + heads.shape[1:]))
+        parts.append(bias.to(heads.device, heads.dtype).expand((1,) + heads.shape[1:]))
         labels.append("bias")
-        stack = torch.cat(parts)
+        stack = torch.cat(one_device(parts))
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
@@ -261,13 +288,19 @@ class TransformerLensCacheMethods:
             residual_stack = batch_slice.apply(residual_stack, dim=1)
         if getattr(cfg, "normalization_type", None) not in ("LN", "LNPre", "RMS", "RMSPre"):
             return residual_stack
+        if getattr(cfg, "post_ln", False):
+            raise ValueError("apply_ln_to_stack: in a post-LN model (BERT, BART, Marian) the stream each block reads "
+                             "is already a norm's output, so there is no norm ahead of it whose scale could be "
+                             "frozen; use apply_ln=False")
         final = layer == cfg.n_layers
         if recompute_ln and final and getattr(self.model, "ln_final", None) is not None:
-            return torch.stack([self.model.ln_final(x) for x in residual_stack])
+            norm = self.model.ln_final
+            device = next((p.device for p in norm.parameters()), residual_stack.device)
+            return torch.stack([norm(x.to(device)) for x in residual_stack])
         if final:
             name = "ln_final.hook_scale"
         else:
-            norm = "ln2" if mlp_input else "ln1"
+            norm = ("ln3" if self._cross(layer) else "ln2") if mlp_input else "ln1"
             if getattr(self.model.blocks[layer], norm, None) is None:
                 raise ValueError(f"apply_ln_to_stack: layer {layer} has no {norm} (a norm before the "
                                  f"{'MLP' if mlp_input else 'attention'}): this family normalises sublayer outputs "
@@ -275,7 +308,7 @@ class TransformerLensCacheMethods:
             name = f"blocks.{layer}.{norm}.hook_scale"
         if cfg.normalization_type in ("LN", "LNPre"):
             residual_stack = residual_stack - residual_stack.mean(-1, keepdim=True)
-        scale = pos_slice.apply(self[name], dim=-2)
+        scale = pos_slice.apply(self[name], dim=-2).to(residual_stack.device)
         if has_batch_dim:
             scale = batch_slice.apply(scale, dim=0)
         return residual_stack / scale
@@ -298,4 +331,4 @@ class TransformerLensCacheMethods:
         if has_batch_dim and not batch_sliced and scaled.dim() == 4 and directions.dim() == 2 \
                 and directions.shape[0] == scaled.shape[1]:
             directions = directions[:, None]  # one token per prompt, for every position
-        return (scaled * directions.to(scaled.dtype)).sum(-1)
+        return (scaled * directions.to(scaled.device, scaled.dtype)).sum(-1)

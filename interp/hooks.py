@@ -8,6 +8,9 @@ Components ask `hook.active` before computing anything that exists only to be ho
 
 Hook functions follow TransformerLens: `fn(tensor, hook) -> tensor | None`; returning a
 tensor replaces the activation. Backward hooks get the gradient of the activation.
+A forward hook added with `read_only=True` (or whose function has `read_only = True`, as
+the caching hooks do) promises to neither replace nor change the activation, which lets a
+component compute it the cheap way (attention keeps its fused kernel for a cached pattern).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from interp.names import HookNameError, resolve_key, unknown_name_error
+from interp.offload import Offload
 
 HookFn = Callable[..., "torch.Tensor | None"]
 NameSpec = "str | tuple | Callable[[str], bool]"
@@ -33,6 +37,7 @@ class HookHandle:
     fn: HookFn
     direction: str
     permanent: bool = False
+    read_only: bool = False  # the hook neither replaces nor changes the activation
 
     def remove(self) -> None:
         hooks = self.hook_point._hooks[self.direction]
@@ -56,6 +61,13 @@ class HookPoint(nn.Module):
     def active(self) -> bool:
         return bool(self._hooks["fwd"] or self._hooks["bwd"] or self._forward_hooks)
 
+    @property
+    def read_only(self) -> bool:
+        """Does every hook here only read? Forward hooks added read-only, and no backward or plain torch
+        hook (a gradient must flow through the activation the forward really used)."""
+        return (all(h.read_only for h in self._hooks["fwd"]) and not self._hooks["bwd"]
+                and not self._forward_hooks and not self._forward_pre_hooks)
+
     def layer(self) -> int:
         """The layer of a hook point inside a block (`blocks.3.attn.hook_z` -> 3), as TransformerLens has it."""
         parts = (self.name or "").split(".")
@@ -64,12 +76,15 @@ class HookPoint(nn.Module):
                 return int(parts[i + 1])
         raise ValueError(f"hook point {self.name!r} is not inside a block (blocks.<layer>....), so it has no layer")
 
-    def add_hook(self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, prepend: bool = False) -> HookHandle:
+    def add_hook(self, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, prepend: bool = False,
+                 read_only: bool = False) -> HookHandle:
+        """read_only: `fn` returns None (or its input) and never writes into the tensor; also taken from
+        `fn.read_only`. The activation may then be computed off the forward's own path."""
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         if not callable(fn):
             raise TypeError(f"hook for {self.name} must be callable, got {type(fn).__name__}")
-        handle = HookHandle(self, fn, dir, is_permanent)
+        handle = HookHandle(self, fn, dir, is_permanent, read_only or bool(getattr(fn, "read_only", False)))
         if prepend:
             self._hooks[dir].insert(0, handle)
         else:
@@ -163,11 +178,15 @@ class HookedRootModule(nn.Module):
         return names
 
     # ------------------------------------------------------------------ adding and removing
-    def add_hook(self, name, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, prepend: bool = False) -> list[HookHandle]:
+    def add_hook(self, name, fn: HookFn, dir: str = "fwd", is_permanent: bool = False, prepend: bool = False,
+                 read_only: bool = False) -> list[HookHandle]:
         names = self.resolve_hook_names(name)
         if not names:
             raise HookNameError(f"hook filter {name!r} matched no hook point")
-        return [self.hook_dict[n].add_hook(fn, dir=dir, is_permanent=is_permanent, prepend=prepend) for n in names]
+        # Passed only when set: subclasses' points (interp.attach) may not take it; fn.read_only reaches them.
+        marks = {"read_only": True} if read_only else {}
+        return [self.hook_dict[n].add_hook(fn, dir=dir, is_permanent=is_permanent, prepend=prepend, **marks)
+                for n in names]
 
     def add_perma_hook(self, name, fn: HookFn, dir: str = "fwd") -> list[HookHandle]:
         return self.add_hook(name, fn, dir=dir, is_permanent=True)
@@ -232,26 +251,26 @@ class HookedRootModule(nn.Module):
         dtype: torch.dtype | None = None,
         remove_batch_dim: bool = False,
         cache: dict | None = None,
+        offload: Offload | None = None,
     ) -> tuple[dict, list[tuple], list[tuple]]:
-        """Hooks that store activations (and gradients, as `name + "_grad"`) into a dict."""
+        """Hooks that store activations (and gradients, as `name + "_grad"`) into a dict.
+
+        The forward hooks are read-only (a cached pattern keeps the fused attention kernel).
+        `device`/`dtype` copies are made by `offload` when given (its device and dtype then apply;
+        run_with_cache passes one that copies a GPU run to the host without stalling, and waits for it at
+        the end), else synchronously, so the dict is complete when the forward returns.
+        """
         cache = {} if cache is None else cache
         names = self.resolve_hook_names(names_filter)
         if names_filter is None and self.opt_in_hooks:
             names = [n for n in names if not n.endswith(self.opt_in_hooks)]
-        # One tensor reachable under two names (resid_post of layer l is resid_pre of
-        # l+1) is converted and stored once.
-        converted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if offload is None and (device is not None or dtype is not None):
+            offload = Offload(device, dtype, asynchronous=False)
 
-        def store(key: str, original: torch.Tensor) -> None:
-            tensor = original.detach()
-            if device is not None or dtype is not None:
-                # Keyed on the activation itself: detach() makes a new object every call.
-                hit = converted.get(id(original))
-                if hit is not None and hit[0] is original:
-                    tensor = hit[1]
-                else:
-                    tensor = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
-                    converted[id(original)] = (original, tensor)
+        def store(key: str, original: torch.Tensor, hold: bool = False) -> None:
+            # One tensor reachable under two names (resid_post of layer l is resid_pre of l+1) is
+            # converted and stored once: the Offload remembers what it converted.
+            tensor = original.detach() if offload is None else offload(original, hold=hold)
             if remove_batch_dim:
                 if tensor.shape[0] != 1:
                     raise ValueError(f"remove_batch_dim needs batch size 1, {key} has batch {tensor.shape[0]}")
@@ -261,8 +280,12 @@ class HookedRootModule(nn.Module):
         def fwd_fn(tensor, hook):
             store(hook.name, tensor)
 
+        fwd_fn.read_only = True
+
         def bwd_fn(grad, hook):
-            store(hook.name + "_grad", grad)
+            # Held until the copy is made: with no other reference autograd may add the next gradient
+            # into this very tensor, before a queued copy has read it.
+            store(hook.name + "_grad", grad, hold=True)
 
         fwd = [(n, fwd_fn) for n in names]
         bwd = [(n, bwd_fn) for n in names] if incl_bwd else []
@@ -287,14 +310,18 @@ class HookedRootModule(nn.Module):
         function caches exactly what it names.
 
         `device`/`dtype` say where and how the stored copies live (the model's own
-        activations are untouched). With `incl_bwd=True` gradients are cached too:
+        activations are untouched). A GPU run cached to `device="cpu"` is copied into pinned
+        memory by a side stream while the forward goes on, with one wait at the end
+        (interp.offload). With `incl_bwd=True` gradients are cached too:
         `backward_metric(output)` (or the output itself, if scalar) is differentiated.
         Without it no autograd graph is built.
         """
         from interp.cache import ActivationCache
 
+        offload = Offload(device, dtype) if device is not None or dtype is not None else None
         store, fwd, bwd = self.get_caching_hooks(
-            names_filter, incl_bwd=incl_bwd, device=device, dtype=dtype, remove_batch_dim=remove_batch_dim
+            names_filter, incl_bwd=incl_bwd, device=device, dtype=dtype, remove_batch_dim=remove_batch_dim,
+            offload=offload,
         )
         with self.hooks(fwd, bwd):
             if incl_bwd:
@@ -312,6 +339,10 @@ class HookedRootModule(nn.Module):
                 out = out.detach() if isinstance(out, torch.Tensor) else out
             else:
                 out = self(*model_args, **model_kwargs)
+        if offload is not None:
+            # The one wait of the run. After an exception nothing waits: the copies still in flight write
+            # into buffers nobody holds, and record_stream keeps their sources alive until they are done.
+            offload.finish()
         if not return_cache_object:
             return out, store
         return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)

@@ -1,6 +1,6 @@
 """The hooked transformer, its loaders and the registry of named models."""
 
-from models.attention import KVCache
+from models.frame import KVCache
 from models.config import TransformerConfig
 from models.encoder_decoder import DecoderInputError, HookedEncoderDecoder
 from models.hooked_transformer import HookedTransformer, NoUnembedError

@@ -1,188 +1,37 @@
-"""Multi-head attention (with grouped KV heads and rotary positions), masks and the KV cache.
+"""Multi-head attention (with grouped KV heads and rotary positions); its masks and KV cache are models/frame.py.
 
 One module, two ways to compute the same thing: the fused
-`F.scaled_dot_product_attention` kernel when nobody looks at the scores or the pattern,
-and the explicit softmax(QK^T)V when a hook on `hook_attn_scores`/`hook_pattern` does.
+`F.scaled_dot_product_attention` kernel when nobody changes the scores or the pattern,
+and the explicit softmax(QK^T)V when a hook on `hook_attn_scores`/`hook_pattern` may.
+A pattern that is only read (run_with_cache) is computed beside the fused kernel by the
+same code the explicit path uses (`Attention._pattern`), so it equals that path's pattern
+bit for bit while the output stays the no-hook forward's.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from interp.hooks import HookPoint
+from models import kernels
 from models.components import Norm
 from models.config import TransformerConfig
+from models.frame import AttentionFrame, CrossFrame, KVCache
 from models.layout import linear_in_heads, linear_out_heads, live_bias, per_head_in, per_head_out
-from models.rotary import Rotary, apply_rotary
+from models.rotary import apply_rotary
+
+
+__all__ = ["Attention", "AttentionFrame", "CrossFrame", "KVCache"]  # the frame's classes lived here before
 
 
 def _flat(bias: torch.Tensor) -> torch.Tensor | None:
     """[heads, d_head] bias -> [heads * d_head], or None when it is zero (see live_bias)."""
     bias = live_bias(bias)
     return None if bias is None else bias.reshape(-1)
-
-
-# ---------------------------------------------------------------------- the KV cache
-class KVCache:
-    """Keys (after rotary) and values of earlier positions, per layer: `[batch, n_kv_heads, pos, d_head]`.
-
-    Generation appends to it. A frozen cache is read but never extended, so one
-    prefix can serve many continuations (patching sweeps reuse it this way).
-    """
-
-    def __init__(self, n_layers: int, frozen: bool = False) -> None:
-        self.keys: list[torch.Tensor | None] = [None] * n_layers
-        self.values: list[torch.Tensor | None] = [None] * n_layers
-        self.attention_mask: torch.Tensor | None = None  # [batch, pos], 1 = real token
-        self.frozen = frozen
-        self._length = 0
-
-    @property
-    def length(self) -> int:
-        return self._length
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        past_k, past_v = self.keys[layer], self.values[layer]
-        if past_k is not None:
-            k = torch.cat([past_k, k], dim=2)
-            v = torch.cat([past_v, v], dim=2)
-        if not self.frozen:
-            self.keys[layer], self.values[layer] = k, v
-        return k, v
-
-    def commit(self, n_new: int, mask: torch.Tensor | None) -> None:
-        """Record that a forward added `n_new` positions (called once per forward, after all layers)."""
-        if not self.frozen:
-            self._length += n_new
-            self.attention_mask = mask
-
-    def frozen_copy(self) -> "KVCache":
-        out = KVCache(len(self.keys), frozen=True)
-        out.keys, out.values = list(self.keys), list(self.values)
-        out.attention_mask, out._length = self.attention_mask, self._length
-        return out
-
-    def expand(self, batch: int) -> "KVCache":
-        """The same prefix repeated for `batch` rows (a cache of batch 1 serving a batch of continuations)."""
-        out = self.frozen_copy()
-        out.keys = [None if k is None else k.expand(batch, *k.shape[1:]) for k in self.keys]
-        out.values = [None if v is None else v.expand(batch, *v.shape[1:]) for v in self.values]
-        if self.attention_mask is not None:
-            out.attention_mask = self.attention_mask.expand(batch, -1)
-        return out
-
-
-# ---------------------------------------------------------------------- per-forward state
-class AttentionFrame:
-    """What every layer of one forward shares: masks (one per window size), positions and rotary tables."""
-
-    def __init__(
-        self,
-        cfg: TransformerConfig,
-        n_query: int,
-        positions: torch.Tensor,
-        key_mask: torch.Tensor | None,
-        past_kv: KVCache | None,
-        rotary: "dict[str, Rotary] | Rotary | None",
-        allowed: torch.Tensor | None = None,
-        key_positions: torch.Tensor | None = None,
-        causal: bool | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.causal = cfg.causal if causal is None else causal  # an encoder-decoder's encoder is bidirectional
-        self.n_query = n_query
-        self.positions = positions  # [batch, n_query]
-        self.key_mask = key_mask  # [batch, n_past + n_query] bool, or None when nothing is padded
-        self.past_kv = past_kv
-        self.offset = past_kv.length if past_kv is not None else 0
-        if rotary is not None and not isinstance(rotary, dict):
-            rotary = {"global": rotary}
-        self.rotary = rotary or None
-        self._cos_sin: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._given = allowed  # an explicit mask is used as given (packed rows)
-        self._explicit = allowed is not None
-        self.key_positions = key_positions  # [batch or 1, n_keys]: windows over an explicit mask need them
-        self._allowed: dict[int | None, torch.Tensor] = {}
-        self.position_bias: torch.Tensor | None = None  # [1 or batch, heads, q, k], T5's relative positions
-        self.memory = None  # what cross-attention reads (None: this is a self-attention frame)
-
-    def cos_sin(self, dtype: torch.dtype, local: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        which = "local" if local and "local" in self.rotary else "global"
-        if (dtype, which) not in self._cos_sin:
-            self._cos_sin[(dtype, which)] = self.rotary[which](self.positions, dtype)
-        return self._cos_sin[(dtype, which)]
-
-    def needs_mask(self, window: int | None = None) -> bool:
-        """False when SDPA's own `is_causal` (or no mask at all) says everything."""
-        if self.key_mask is not None or self._explicit or window is not None:
-            return True
-        return self.causal and self.offset > 0 and self.n_query > 1
-
-    def sdpa_is_causal(self, window: int | None = None) -> bool:
-        return (self.causal and self.offset == 0 and self.n_query > 1 and self.key_mask is None
-                and not self._explicit and window is None)
-
-    def allowed(self, window: int | None = None) -> torch.Tensor:
-        """Boolean `[batch or 1, 1, n_query, n_key]`: may this query read this key (within `window`)?"""
-        if window not in self._allowed:
-            self._allowed[window] = self._build(window)
-        return self._allowed[window]
-
-    def _build(self, window: int | None) -> torch.Tensor:
-        device = self.positions.device
-        if self._explicit:
-            allowed = self._given
-            if window is not None:
-                if self.key_positions is None:
-                    raise ValueError("an explicit attention mask on a model with sliding windows needs key_positions "
-                                     "(the position of every key), so that each window can be applied")
-                q_pos = self.positions[:, None, :, None]
-                k_pos = torch.as_tensor(self.key_positions, device=device)[:, None, None, :]
-                allowed = allowed & (q_pos - k_pos < window)
-            return allowed
-        n_key = self.offset + self.n_query
-        allowed = torch.ones(1, 1, self.n_query, n_key, dtype=torch.bool, device=device)
-        q_idx = torch.arange(self.offset, n_key, device=device)[:, None]
-        k_idx = torch.arange(n_key, device=device)[None, :]
-        if self.causal:
-            allowed = allowed & (k_idx <= q_idx)
-        if window is not None:
-            # transformers' rule, on indices (equal to positions among a row's real tokens): q - k < window.
-            allowed = allowed & (q_idx - k_idx < window)
-        if self.key_mask is not None:
-            allowed = allowed & self.key_mask[:, None, None, :]
-            # A padding query may see nothing; let it see everything so no row is
-            # all -inf (NaN would leak through the zero weights of later layers).
-            allowed = allowed | ~allowed.any(-1, keepdim=True)
-        return allowed
-
-
-class CrossFrame:
-    """What a decoder's cross-attention reads: the encoder's output and which of its positions are real."""
-
-    rotary = None
-    past_kv = None
-    position_bias = None
-
-    def __init__(self, memory: torch.Tensor, key_mask: torch.Tensor | None) -> None:
-        self.memory = memory  # [batch, n_encoder_pos, d_model]
-        self.key_mask = key_mask  # [batch, n_encoder_pos] bool, or None when nothing is padded
-        self._allowed = None
-
-    def needs_mask(self, window: int | None = None) -> bool:
-        return self.key_mask is not None
-
-    def sdpa_is_causal(self, window: int | None = None) -> bool:
-        return False
-
-    def allowed(self, window: int | None = None) -> torch.Tensor:
-        """`[batch, 1, 1, n_encoder_pos]`: every decoder position reads every real encoder position."""
-        if self._allowed is None:
-            allowed = self.key_mask[:, None, None, :]
-            self._allowed = allowed | ~allowed.any(-1, keepdim=True)  # an all-padding row: no NaN
-        return self._allowed
 
 
 # ---------------------------------------------------------------------- attention
@@ -259,7 +108,9 @@ class Attention(nn.Module):
         return self._repeat(self._b_V)
 
     def uses_explicit_path(self) -> bool:
-        if self.hook_attn_scores.active or self.hook_pattern.active:
+        """Must the output come from a materialised pattern? Not when the pattern is only read (every hook on
+        it read-only, as run_with_cache's): it is then computed beside the fused kernel (`_show_pattern`)."""
+        if self.hook_attn_scores.active or (self.hook_pattern.active and not self.hook_pattern.read_only):
             return True
         # SDPA has no soft-cap: capped models always take the explicit path (as transformers' eager).
         return self.implementation == "explicit" or self.cfg.attn_scores_soft_cap is not None
@@ -267,11 +118,11 @@ class Attention(nn.Module):
     # ------------------------------------------------------------------ scores
     def scores_from_dots(self, dots: torch.Tensor) -> torch.Tensor:
         """q.k -> the scores the softmax reads (before the mask): scaled, then soft-capped if the model caps."""
-        scores = dots * (1.0 / self.cfg.scale)
+        return self._cap(dots * (1.0 / self.cfg.scale))
+
+    def _cap(self, scores: torch.Tensor) -> torch.Tensor:
         cap = self.cfg.attn_scores_soft_cap
-        if cap is not None:
-            scores = torch.tanh(scores / cap) * cap
-        return scores
+        return scores if cap is None else torch.tanh(scores / cap) * cap
 
     def allowed_from_start(self, n_pos: int, device=None) -> torch.Tensor:
         """`[n_pos, n_pos]` bool: which key a query sees in an unpadded sequence starting at position 0
@@ -332,36 +183,112 @@ class Attention(nn.Module):
         if self.uses_explicit_path():
             z = self._explicit(q, k, v, frame, n_rep)
         else:
-            is_causal = frame.sdpa_is_causal(self.window)
-            bias = frame.position_bias
-            mask = frame.allowed(self.window) if frame.needs_mask(self.window) or (bias is not None and is_causal) \
-                else None
-            if bias is not None:  # T5: the bias rides in a float mask, the causal mask inside it
-                bias = bias.to(q.dtype)
-                mask, is_causal = (bias if mask is None else bias.masked_fill(~mask, float("-inf"))), False
-            if n_rep > 1 and mask is not None:
-                k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-            z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal,
-                scale=1.0 / self.cfg.scale, enable_gqa=n_rep > 1 and mask is None,
-            )
+            if self.hook_pattern.active:  # read-only hooks; before the kernel, so hooks fire in the explicit order
+                self._show_pattern(q, k, frame, n_rep)
+            z = self._fused(q, k, v, frame, n_rep)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, n_heads, d_head]
         if self.hook_result.active:
             result = self.hook_result(torch.einsum("bphk,hkd->bphd", z, self.W_O))
             return result.sum(dim=2) + self.b_O
         return F.linear(z.reshape(b, p, h * dh), linear_out_heads(self.W_O), live_bias(self.b_O))
 
+    # q: [batch, n_heads, q, d_head]; k, v: [batch, n_kv_heads, k, d_head] (after the KV cache); -> z [b, h, q, d_head]
+    def _fused(self, q, k, v, frame: AttentionFrame, n_rep: int) -> torch.Tensor:
+        is_causal = frame.sdpa_is_causal(self.window)
+        bias = frame.position_bias
+        mask = frame.allowed(self.window) if frame.needs_mask(self.window) or (bias is not None and is_causal) \
+            else None
+        if bias is not None:  # T5: the bias rides in a float mask, the causal mask inside it
+            bias = bias.to(q.dtype)
+            mask, is_causal = (bias if mask is None else bias.masked_fill(~mask, float("-inf"))), False
+        if mask is not None:
+            k, v = _repeat_heads(k, n_rep), _repeat_heads(v, n_rep)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            scale=1.0 / self.cfg.scale, enable_gqa=n_rep > 1 and mask is None,
+        )
+
     def _explicit(self, q, k, v, frame: AttentionFrame, n_rep: int) -> torch.Tensor:
-        if n_rep > 1:
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        scores = self.scores_from_dots(torch.matmul(q, k.transpose(-1, -2)))  # [b, h, q, k]
+        pattern = self.hook_pattern(self._pattern(q, k, frame, n_rep))
+        return torch.matmul(pattern, _repeat_heads(v, n_rep))
+
+    def _show_pattern(self, q, k, frame: AttentionFrame, n_rep: int) -> None:
+        """The pattern for read-only hooks while the fused kernel computes the output.
+
+        Without autograd: this pattern is not on the output's graph, so no gradient through it would be
+        right. A hook that wants one (a backward hook) is not read-only and takes the explicit path.
+        """
+        with torch.no_grad():
+            pattern = self._pattern(q, k, frame, n_rep)
+            if self.hook_pattern(pattern) is not pattern:
+                raise ValueError(
+                    f"a read-only hook on {self.hook_pattern.name} returned a new pattern, which the fused "
+                    "attention path would ignore; add the hook without read_only=True (the explicit path then "
+                    "uses what it returns), or return None")
+
+    def _pattern(self, q, k, frame: AttentionFrame, n_rep: int) -> torch.Tensor:
+        """softmax(scores) `[batch, n_heads, q, k]` in the model dtype, the scores through hook_attn_scores.
+
+        Both paths take the pattern from here, so a pattern cached beside the fused kernel equals the
+        explicit path's by construction. One pass each for q.k, the mask and the softmax (plain causal
+        attention on a GPU: the mask inside the softmax, models.kernels): this is what a cached pattern
+        costs on top of the no-hook forward.
+        """
+        if self._one_pass_causal(q, frame):
+            scores = torch.matmul(self._scaled(q), _repeat_heads(k, n_rep).transpose(-1, -2))
+            return kernels.causal_softmax_(scores)
+        scores = self.hook_attn_scores(self._scores(q, _repeat_heads(k, n_rep), frame))
+        if scores.dtype in (torch.float16, torch.bfloat16):
+            # The kernel reads half precision, sums in float32 and rounds once: transformers' eager
+            # softmax(dtype=float32).to(dtype) without its float32 [q, k] buffer (two of five passes). An
+            # entry may still differ from that by one unit in the last place where the kernel sums in
+            # another order (on CPU, rows whose length is not a multiple of the vector width).
+            pattern = scores.softmax(-1).to(q.dtype)
+        else:
+            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if self.hook_attn_scores.active or getattr(frame, "_explicit", False):
+            # A hook, or a mask taken as given (packed rows), may leave a row all -inf; its NaNs would
+            # poison every later position. The masks a frame builds never do (AttentionFrame._build).
+            pattern = torch.nan_to_num(pattern, nan=0.0)
+        return pattern
+
+    def _one_pass_causal(self, q, frame: AttentionFrame) -> bool:
+        """May the pattern come from q.k and one masked-softmax pass (models.kernels)? On a GPU with Triton, in
+        half precision, without autograd, for plain causal attention: one square mask for every row (no
+        padding, window, cache offset or packed rows), no scores hook (it must see the masked scores), no
+        soft-cap, T5 bias or scale that is not a power of two."""
+        return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not self.hook_attn_scores.active
+                and not (torch.is_grad_enabled() and q.requires_grad) and getattr(frame, "memory", None) is None
+                and frame.causal and self.window is None and frame.position_bias is None
+                and frame.key_mask is None and not frame._explicit and not frame.offset and frame.n_query > 1
+                and frame.n_query <= kernels.MAX_KEYS and self.cfg.attn_scores_soft_cap is None
+                and math.frexp(1.0 / self.cfg.scale)[0] == 0.5 and kernels.available())
+
+    def _scaled(self, q: torch.Tensor) -> torch.Tensor:
+        """q / attn_scale when that is exact (a power of two), so q.k needs no pass over [q, k] to scale."""
+        inv_scale = 1.0 / self.cfg.scale
+        return q * inv_scale if math.frexp(inv_scale)[0] == 0.5 and inv_scale != 1.0 else q
+
+    def _scores(self, q, k, frame: AttentionFrame) -> torch.Tensor:
+        """scores_from_dots(q k^T), plus T5's bias, -inf where a query may not look: `[b, h, q, k]`.
+
+        Entry for entry what scores_from_dots(q @ k^T) gives, with fewer passes over [q, k]: a power-of-two
+        scale (d_head 16, 64 or 256; T5's 1) is applied to q, which is exact in floating point, any other
+        in place, and the mask in place.
+        """
+        inv_scale = 1.0 / self.cfg.scale
+        if math.frexp(inv_scale)[0] == 0.5:
+            scores = torch.matmul(q if inv_scale == 1.0 else q * inv_scale, k.transpose(-1, -2))
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(inv_scale)
+        scores = self._cap(scores)
         if frame.position_bias is not None:
             scores = scores + frame.position_bias
         if frame.needs_mask(self.window) or frame.sdpa_is_causal(self.window):
-            scores = scores.masked_fill(~frame.allowed(self.window), float("-inf"))
-        scores = self.hook_attn_scores(scores)
-        pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        # A hook may mask a whole row; a NaN row would poison every later position.
-        pattern = torch.nan_to_num(pattern, nan=0.0)
-        pattern = self.hook_pattern(pattern)
-        return torch.matmul(pattern, v)
+            scores = scores.masked_fill_(~frame.allowed(self.window), float("-inf"))
+        return scores
+
+
+def _repeat_heads(t: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[batch, n_kv_heads, pos, d_head] -> [batch, n_heads, pos, d_head]: query head h reads KV head h // n_rep."""
+    return t if n_rep == 1 else t.repeat_interleave(n_rep, dim=1)

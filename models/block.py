@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from interp.hooks import HookPoint
-from models.attention import Attention, AttentionFrame, CrossFrame
+from models.attention import Attention
+from models.frame import AttentionFrame, CrossFrame
 from models.components import MLP, Norm
 from models.config import TransformerConfig
 from models.moe import MoE
@@ -72,6 +73,7 @@ class Block(nn.Module):
             self.hook_attn_in = HookPoint()
         if cfg.use_hook_mlp_in and not cfg.attn_only:
             self.hook_mlp_in = HookPoint()
+        self.placed_on: torch.device | None = None  # set when the model spans several devices (models.placement)
 
     @property
     def mlp_norm(self) -> Norm | None:
@@ -82,6 +84,12 @@ class Block(nn.Module):
         # resid: [batch, pos, d_model]; cross: the encoder's output, for a decoder block of an encoder-decoder
         if self.cross and cross is None:
             raise ValueError("a decoder block with cross-attention needs the encoder's output")
+        if self.placed_on is not None and resid.device != self.placed_on:
+            # A model over several devices: the stream, and what attention shares, cross here.
+            resid = resid.to(self.placed_on)
+        if self.placed_on is not None:
+            frame = frame.on(self.placed_on)
+            cross = cross.on(self.placed_on) if cross is not None else None
         if self.cfg.post_ln:
             return self._post_ln(resid, frame, cross)
         resid_pre = self.hook_resid_pre(resid)

@@ -29,10 +29,11 @@ from torch import nn
 
 from interp.factored_matrix import FactoredMatrix
 from interp.hooks import HookedRootModule, HookPoint
-from models.attention import AttentionFrame, CrossFrame, KVCache
+from models.frame import AttentionFrame, CrossFrame, KVCache
 from models.block import Block
 from models.components import Embed, Norm, PosEmbed, Unembed
 from models.config import TransformerConfig
+from models.placement import follow, refresh
 from models.tokenizer import ContextLengthError, decode_each, require_tokenizer, tokenize
 
 
@@ -136,7 +137,7 @@ class Stack(nn.Module):
             past_kv.commit(n, None)
         if stop_at_layer is not None:
             return resid
-        return self.ln_final(resid) if self.ln_final is not None else resid
+        return self.ln_final(follow(resid, self.ln_final)) if self.ln_final is not None else resid
 
     # Circuits of this stack's heads, [n_layers, n_heads, d_model, d_model] (rotary-free: exact bilinear forms).
     def _stack(self, owner: str, name: str) -> torch.Tensor:
@@ -268,6 +269,7 @@ class HookedEncoderDecoder(HookedRootModule):
             return None
         if return_type == "hidden":
             return resid
+        resid = follow(resid, self.unembed)  # the head's device, on a model over several devices
         if self.cfg.output_scale is not None:
             resid = resid * self.cfg.output_scale
         logits = self.unembed(resid)
@@ -276,6 +278,8 @@ class HookedEncoderDecoder(HookedRootModule):
         if return_type not in ("loss", "both"):
             raise ValueError(f"return_type must be logits, hidden, loss, both or None; got {return_type!r}")
         logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        dec_tokens = dec_tokens.to(logits.device)
+        dec_mask = None if dec_mask is None else dec_mask.to(logits.device)
         loss = -logprobs.gather(-1, dec_tokens[:, 1:, None])[..., 0]  # [batch, decoder_pos - 1]
         if not loss_per_token:
             valid = torch.ones_like(loss) if dec_mask is None else (dec_mask[:, 1:] * dec_mask[:, :-1]).to(loss.dtype)
@@ -359,6 +363,7 @@ class HookedEncoderDecoder(HookedRootModule):
         out = super()._apply(fn, recurse)
         self.cfg.device = str(self.embed.W_E.device)
         self.cfg.dtype = self.embed.W_E.dtype
+        refresh(self)
         return out
 
     def save(self, directory) -> None:

@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from models.attention import KVCache
+from models.frame import KVCache
 
 
 def _sample(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None, top_p: float | None,
@@ -121,7 +121,8 @@ def generate(
                                past_kv=cache, return_type="logits")
             else:
                 logits = model(tokens, attention_mask=mask, return_type="logits")
-            next_tok = _sample(logits[:, -1], do_sample, temperature, top_k, top_p, generator, freq_penalty,
+            # A model over several devices predicts where its head lives; the tokens stay with the embedding.
+            next_tok = _sample(logits[:, -1].to(tokens.device), do_sample, temperature, top_k, top_p, generator, freq_penalty,
                                tokens.masked_fill(mask == 0, pad) if freq_penalty else None)
             next_tok = torch.where(finished, torch.full_like(next_tok, pad), next_tok)
             tokens = torch.cat([tokens, next_tok[:, None]], dim=1)
@@ -172,7 +173,7 @@ def generate_seq2seq(model, input, max_new_tokens: int = 20, *, attention_mask=N
         step = out
         for _ in range(max_new_tokens):
             logits = model(tokens, step, attention_mask=mask, encoder_output=memory, past_kv=cache)
-            nxt = _sample(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            nxt = _sample(logits[:, -1].to(tokens.device), do_sample, temperature, top_k, top_p, generator)
             nxt = torch.where(finished, torch.full_like(nxt, model.cfg.pad_token_id or 0), nxt)
             out = torch.cat([out, nxt[:, None]], dim=1)
             step = nxt[:, None] if cache is not None else out

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from interp.hooks import HookedRootModule, HookPoint
-from models.attention import AttentionFrame, KVCache
+from models.frame import AttentionFrame, KVCache
 from models.block import Block
 from models.components import Embed, MLMHead, Norm, PosEmbed, TokenTypeEmbed, Unembed
 from models.config import TransformerConfig
+from models.placement import follow, refresh
 from models.rotary import Rotary
 from models.tl_compat import TransformerLensModelMethods
 from models.weight_views import NoUnembedError, WeightViews
@@ -149,6 +150,9 @@ class HookedTransformer(WeightViews, TransformerLensModelMethods, HookedRootModu
             if positions is None:
                 raise ValueError("attention_allowed needs explicit positions")
             key_mask, full_mask, positions = None, None, torch.as_tensor(positions, device=device)
+            # A resumed forward on a split model starts where its first block lives, not at the embedding.
+            attention_allowed = torch.as_tensor(attention_allowed, device=device)
+            key_positions = None if key_positions is None else torch.as_tensor(key_positions, device=device)
         else:
             key_mask, full_mask, positions = self._mask_and_positions(batch, n_query, attention_mask, past_kv, device)
         if positions.numel() and int(positions.max()) >= self.cfg.n_ctx:
@@ -254,6 +258,7 @@ class HookedTransformer(WeightViews, TransformerLensModelMethods, HookedRootModu
     def _head(self, resid, return_type, tokens, attention_mask, loss_per_token):
         if return_type not in ("auto", "logits", "hidden", "loss", "both", None):
             raise ValueError(f"return_type must be auto, logits, hidden, loss, both or None; got {return_type!r}")
+        resid = follow(resid, self.ln_final or self.mlm_head or self.unembed)  # the head's device, if split
         if self.ln_final is not None:
             resid = self.ln_final(resid)
         if return_type is None:  # nothing to return: no unembedding (and no error for a model without one)
@@ -286,6 +291,8 @@ class HookedTransformer(WeightViews, TransformerLensModelMethods, HookedRootModu
         if tokens is None:
             raise ValueError("the loss needs the tokens: pass tokens=... together with start_at_layer")
         logprobs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        tokens = tokens.to(logits.device)  # a model over several devices embeds on one and predicts on another
+        attention_mask = None if attention_mask is None else attention_mask.to(logits.device)
         loss = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0]  # [batch, pos - 1]
         if per_token:
             return loss
@@ -360,6 +367,7 @@ class HookedTransformer(WeightViews, TransformerLensModelMethods, HookedRootModu
         out = super()._apply(fn, recurse)
         self.cfg.device = str(self.embed.W_E.device)
         self.cfg.dtype = self.embed.W_E.dtype
+        refresh(self)  # model.to(one device) joins a split model again
         return out
 
     def generate(self, input, max_new_tokens: int = 20, **kwargs):

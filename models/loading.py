@@ -30,6 +30,8 @@ def load(
     fold_value_biases: bool = False,
     name: str | None = None,
     revision: str | None = None,
+    device_map=None,
+    max_memory: dict | None = None,
 ) -> HookedTransformer:
     """Load a HookedTransformer.
 
@@ -40,11 +42,19 @@ def load(
     for processing; they are frozen (no autograd graph) until `requires_grad_(True)`.
     revision: a hub branch, tag or commit (Pythia's training checkpoints are branches:
     `models.load("EleutherAI/pythia-70m", revision="step3000")`).
+    device_map: spread the blocks over several devices (models.placement): "auto", "balanced" or
+    "sequential" (accelerate's planner, within max_memory={0: "20GiB", "cpu": "64GiB"}), a dict
+    {block index: device} or a list of devices. Each weight goes straight from the checkpoint file to
+    its device in the requested dtype, one tensor at a time.
     """
     if revision is not None and not isinstance(source, str):
         raise ValueError("revision= picks a version of a hub name; give the hub name as a string")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if device_map is not None and str(device) != "cpu":
+        raise ValueError(f"give device= (one device) or device_map= (several), not both: device={device!r}, "
+                         f"device_map={device_map!r}")
+    build = dict(dtype=dtype, device_map=device_map if device_map is not None else device, max_memory=max_memory)
     if isinstance(source, nn.Module):
         from models.convert import convert_hf
 
@@ -53,15 +63,15 @@ def load(
             raise TypeError("a module without a transformers config cannot be converted; use interp.attach(module)")
         label = name or getattr(hf_config, "_name_or_path", None) or type(source).__name__
         cfg, weights = convert_hf(hf_config, source.state_dict(), label)
-        model = _build(cfg, weights, tokenizer, f"a {type(source).__name__} object")
+        model = _build(cfg, weights, tokenizer, f"a {type(source).__name__} object", borrowed=True, **build)
     elif str(source).endswith(".pt") and Path(str(source)).expanduser().is_file():
-        model = _load_nanogpt(Path(str(source)).expanduser(), tokenizer, name)
+        model = _load_nanogpt(Path(str(source)).expanduser(), tokenizer, name, build)
     else:
         directory, label = _locate(str(source), revision)
         converted = revision is None and str(source) in REGISTRY and REGISTRY[str(source)].converted is not None
         # A converted cache keeps the model_name it was converted with; name= renames it, as it names a conversion.
-        model = load_directory(directory, tokenizer, name=name or label, model_name=name if converted else None)
-    model.to(device=device, dtype=dtype)
+        model = load_directory(directory, tokenizer, name=name or label, model_name=name if converted else None,
+                               **build)
     model.requires_grad_(False)
     model.eval()
     if fold_ln or center_writing_weights or center_unembed or fold_value_biases:
@@ -70,17 +80,17 @@ def load(
     return model
 
 
-def _load_nanogpt(path: Path, tokenizer, name: str | None) -> HookedTransformer:
+def _load_nanogpt(path: Path, tokenizer, name: str | None, build: dict) -> HookedTransformer:
     """A nanoGPT `ckpt.pt` (model_args + state dict); its tokenizer (GPT-2 BPE, or a char map) is yours to pass."""
     from models.convert import nanogpt
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _torch_load(path)
     if not nanogpt.is_nanogpt(checkpoint):
         raise UnknownModelError(f"{path} is not a nanoGPT checkpoint (a dict with 'model_args' and 'model'); "
                                 "for other .pt files build your model and use interp.attach(model)")
     label = name or path.parent.name or path.stem
     cfg, weights = nanogpt.convert(checkpoint, label)
-    return _build(cfg, weights, tokenizer, f"nanoGPT checkpoint {path}")
+    return _build(cfg, weights, tokenizer, f"nanoGPT checkpoint {path}", **build)
 
 
 def _locate(source: str, revision: str | None = None) -> tuple[Path, str]:
@@ -112,10 +122,11 @@ def _from_hub(name: str, revision: str | None = None) -> Path:
 
 
 def load_directory(directory: Path, tokenizer=None, name: str | None = None,
-                   model_name: str | None = None) -> HookedTransformer:
+                   model_name: str | None = None, **build) -> HookedTransformer:
     """A directory in our own format (interp_config.json: no `transformers` import, no converter) or
     in Hugging Face format (config through `transformers.AutoConfig`, then the converter).
-    model_name: replaces the model_name saved in our format (Hugging Face directories take `name`)."""
+    model_name: replaces the model_name saved in our format (Hugging Face directories take `name`).
+    build: dtype, device_map, max_memory (see `_build`)."""
     directory = Path(directory)
     label = name or directory.name
     if (directory / OUR_CONFIG).exists():
@@ -134,7 +145,7 @@ def load_directory(directory: Path, tokenizer=None, name: str | None = None,
         cfg, weights = convert_hf(hf_config, read_weights(directory), label)
     if tokenizer is None and any((directory / f).exists() for f in TOKENIZER_FILES):
         tokenizer = load_tokenizer(directory)
-    return _build(cfg, weights, tokenizer, str(directory))
+    return _build(cfg, weights, tokenizer, str(directory), **build)
 
 
 def load_tokenizer(directory: Path):
@@ -176,30 +187,64 @@ def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "model.safetensors").exists():
         return load_file(directory / "model.safetensors")
     if (directory / "pytorch_model.bin").exists():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _torch_load(directory / "pytorch_model.bin")
     raise UnknownModelError(f"{directory} has no model.safetensors or pytorch_model.bin")
 
 
-def _build(cfg: TransformerConfig, weights: dict, tokenizer, source: str):
-    from models.encoder_decoder import HookedEncoderDecoder
+def _torch_load(path: Path):
+    """A torch checkpoint memory-mapped (no copy in host memory), or read whole when it predates the zip format."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=True)
 
-    model = (HookedEncoderDecoder if cfg.encoder_decoder else HookedTransformer)(cfg, tokenizer=tokenizer,
-                                                                                   init_weights=False)
+
+def _build(cfg: TransformerConfig, weights: dict, tokenizer, source: str, *, dtype: torch.dtype | None = None,
+           device_map="cpu", max_memory: dict | None = None, borrowed: bool = False):
+    """The model of `cfg` holding `weights` (our names), each tensor cast and sent straight to its device.
+
+    The model is built on the meta device and each parameter assigned in turn (and dropped from `weights`),
+    so host memory never holds a second copy: a checkpoint's tensors are memory-mapped (safetensors), a
+    tensor bound for a GPU crosses from the page cache, and one for the CPU becomes a private copy in the
+    target dtype (the model never depends on the file, which `model.save` may overwrite).
+    borrowed: the tensors belong to a live module (copy them, never share). device_map: models.placement.
+    """
+    from accelerate import init_empty_weights
+
+    from models.encoder_decoder import HookedEncoderDecoder
+    from models.placement import refresh, resolve_device_map, unit_of
+
+    with init_empty_weights(include_buffers=False):
+        model = (HookedEncoderDecoder if cfg.encoder_decoder else HookedTransformer)(cfg, tokenizer=tokenizer,
+                                                                                       init_weights=False)
     model.source = source
-    expected = model.state_dict()
+    expected = dict(model.named_parameters())
     unexpected = set(weights) - set(expected)
     if unexpected:
         raise ValueError(f"converted weights do not fit the model: unexpected {sorted(unexpected)[:8]}")
-    with torch.no_grad():
-        for key, param in expected.items():
-            if key in weights:
-                if weights[key].shape != param.shape:
-                    raise ValueError(f"{key}: checkpoint shape {tuple(weights[key].shape)}, model {tuple(param.shape)}")
-                param.copy_(weights[key])
-            elif key.rsplit(".", 1)[-1].lstrip("_").startswith("b"):
-                param.zero_()  # the checkpoint has no bias here: zero is what it computes
-            else:
-                raise ValueError(f"the checkpoint has no value for {key}")
+    for key, param in expected.items():
+        if key in weights and weights[key].shape != param.shape:
+            raise ValueError(f"{key}: checkpoint shape {tuple(weights[key].shape)}, model {tuple(param.shape)}")
+        if key not in weights and not key.rsplit(".", 1)[-1].lstrip("_").startswith("b"):
+            raise ValueError(f"the checkpoint has no value for {key}")
+    placement = resolve_device_map(model, device_map, max_memory, dtype)
+    for key, param in expected.items():
+        device = placement[unit_of(key, model)]
+        target = dtype if dtype is not None and param.is_floating_point() else param.dtype
+        if key in weights:
+            value = weights.pop(key)
+            # The model's own memory layout (nn.Linear's orientation, see "Weights" in docs/design.md), written
+            # once; a tensor the converter made that already has it is kept as it is.
+            own = not borrowed and value.untyped_storage().resizable()
+            if not (own and value.device == device and value.dtype == target and value.stride() == param.stride()):
+                value = torch.empty_strided(param.shape, param.stride(), dtype=target, device=device).copy_(value)
+        else:
+            value = torch.zeros(param.shape, dtype=target, device=device)  # no bias here: zero is what it computes
+        module_path, _, leaf = key.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    refresh(model)
+    model.cfg.device, model.cfg.dtype = str(model.embed.W_E.device), model.embed.W_E.dtype
     return model
 
 

@@ -95,17 +95,26 @@ class TransformerLensModelMethods:
 
     # ------------------------------------------------------------------ biases
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
-        """The sum of the output biases written to the stream before `layer` (b_O, and b_out with
-        `include_mlp_biases`; with `mlp_input`, layer's own b_O too): `[d_model]`."""
+        """The sum of the output biases written to the stream before `layer` (b_O, a decoder block's
+        cross-attention b_O, and b_out with `include_mlp_biases`; with `mlp_input`, layer's own attention
+        biases too): `[d_model]`."""
         total = torch.zeros(self.cfg.d_model, device=self.W_E.device, dtype=self.W_E.dtype)
         for l in range(layer):
-            block = self.blocks[l]
-            total = total + block.attn.b_O
+            total = total + _on(_attention_out_bias(self.blocks[l]), total)
             if include_mlp_biases and not self.cfg.attn_only:
-                total = total + _mlp_out_bias(block.mlp)
+                total = total + _on(_mlp_out_bias(self.blocks[l].mlp), total)
         if mlp_input:
-            total = total + self.blocks[layer].attn.b_O
+            total = total + _on(_attention_out_bias(self.blocks[layer]), total)
         return total
+
+
+def _on(bias, total: torch.Tensor):
+    return bias.to(total.device) if isinstance(bias, torch.Tensor) else bias  # a model over several devices
+
+
+def _attention_out_bias(block) -> torch.Tensor:
+    cross = getattr(block, "cross_attn", None) if getattr(block, "cross", False) else None
+    return block.attn.b_O + (cross.b_O if cross is not None else 0.0)
 
 
 def _mlp_out_bias(mlp) -> torch.Tensor:

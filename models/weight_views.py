@@ -6,6 +6,8 @@ change a weight).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from interp.factored_matrix import FactoredMatrix
@@ -15,7 +17,24 @@ class NoUnembedError(RuntimeError):
     """Logits were asked of a checkpoint that has no output head."""
 
 
+class SplitModelError(RuntimeError):
+    """A view that stacks every block was asked of a model whose blocks live on several devices."""
+
+
 class WeightViews:
+    # Where stacked views gather on a model over several devices (None: refuse, naming the devices).
+    _gather_on: torch.device | None = None
+
+    @contextmanager
+    def gathered_on(self, device):
+        """Stacked views (`model.W_Q`, `model.QK`, ...) of a model over several devices, gathered on `device`:
+        `with model.gathered_on("cpu"): qk = model.QK`."""
+        previous, self._gather_on = self._gather_on, torch.device(device)
+        try:
+            yield self
+        finally:
+            self._gather_on = previous
+
     def _stack(self, owner: str, name: str) -> torch.Tensor:
         parts = []
         for block in self.blocks:
@@ -26,6 +45,15 @@ class WeightViews:
         if len({tuple(t.shape) for t in parts}) > 1:
             raise ValueError(f"{owner}.{name} differs in shape between layers (dense and mixture-of-experts MLPs): "
                              f"read it per layer, model.blocks[l].{owner}.{name}")
+        devices = {t.device for t in parts}
+        if self._gather_on is not None:
+            parts = [t.to(self._gather_on) for t in parts]
+        elif len(devices) > 1:
+            raise SplitModelError(
+                f"model.{name} stacks every block, but the blocks live on {', '.join(sorted(map(str, devices)))}: "
+                f"gather them on one device with `with model.gathered_on('cpu'): model.{name}`, or read one "
+                f"block's, model.blocks[l].{owner}.{name}"
+            )
         return torch.stack(parts)
 
     # Stacked over layers: [n_layers, ...]. These are copies; edit model.blocks[l] to change weights.

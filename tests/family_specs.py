@@ -337,6 +337,19 @@ def build_seq2seq(name: str, seed: int = 0):
     return model
 
 
+def saved_seq2seq(name: str, directory, tokenizer):
+    """Save a random `name` checkpoint (and `tokenizer`) to `directory`; return (transformers' eager reload, ours)."""
+    import transformers
+
+    import models
+
+    build_seq2seq(name).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    hf = transformers.AutoModelForSeq2SeqLM.from_pretrained(directory, attn_implementation="eager",
+                                                            dtype=torch.float32).eval()
+    return hf, models.load(directory, tokenizer=tokenizer)
+
+
 def seq2seq_batch(seed: int = 0):
     """(source [3, 20], its mask with left padding in two rows, decoder input [3, 18] from the start token)."""
     gen = torch.Generator().manual_seed(seed)

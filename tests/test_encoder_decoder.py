@@ -15,7 +15,7 @@ import torch
 from torch.testing import assert_close
 
 import models
-from family_specs import ENCDEC_SPECS, build_seq2seq, seq2seq_batch
+from family_specs import ENCDEC_SPECS, build_seq2seq, saved_seq2seq, seq2seq_batch
 from interp.patching import logit_diff, seq2seq_patch
 
 TOL = dict(atol=1e-4, rtol=1e-5)
@@ -23,14 +23,10 @@ TOL = dict(atol=1e-4, rtol=1e-5)
 
 @pytest.fixture(scope="module", params=list(ENCDEC_SPECS))
 def seq2seq(request, tmp_path_factory, family_tokenizer):
-    from transformers import AutoModelForSeq2SeqLM
-
     name = request.param
     directory = tmp_path_factory.mktemp(name)
-    build_seq2seq(name).save_pretrained(directory)
-    family_tokenizer.save_pretrained(directory)
-    hf = AutoModelForSeq2SeqLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32).eval()
-    return name, hf, models.load(directory, tokenizer=family_tokenizer), directory
+    hf, model = saved_seq2seq(name, directory, family_tokenizer)
+    return name, hf, model, directory
 
 
 def _stacks(hf):

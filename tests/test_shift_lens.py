@@ -275,3 +275,18 @@ def test_tuned_lens_on_smollm2_lowers_held_out_kl(smollm2):
     before, after = _held_out_kl(smollm2, None, HELD_OUT[:2]), _held_out_kl(smollm2, lens, HELD_OUT[:2])
     middle = slice(5, 25)
     assert float(after[middle].mean()) < 0.5 * float(before[middle].mean()), (before, after)
+
+
+def test_the_tuned_lens_defaults_to_the_bundled_wikipedia_text(llama):
+    """With no texts, the first DEFAULT_DOCUMENTS Wikipedia summaries: the same lens as passing them."""
+    from interp.collect import default_corpus
+    from interp.shift.tuned_lens import DEFAULT_DOCUMENTS
+
+    texts = list(default_corpus().texts[:DEFAULT_DOCUMENTS])
+    by_default = train_tuned_lens(llama, steps=1, max_seq_len=32)
+    given = train_tuned_lens(llama, texts, steps=1, max_seq_len=32)
+    assert by_default.info["n_tokens"] == given.info["n_tokens"] > 1000
+    for a, b in zip(by_default.translators, given.translators):
+        assert torch.equal(a.weight, b.weight)
+    with pytest.raises(ValueError, match="empty list"):
+        train_tuned_lens(llama, [])

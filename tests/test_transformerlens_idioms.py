@@ -268,8 +268,9 @@ def test_generate_takes_transformerlens_keywords(llama):
 # ---------------------------------------------------------------------- families where an idiom has no meaning
 def test_idioms_refuse_where_they_have_no_meaning(bert, family, llama):
     _, cache = bert.run_with_cache("a short sentence")
-    with pytest.raises(ValueError, match="post-LN"):
-        cache.decompose_resid()
+    for call in (cache.decompose_resid, lambda: cache.accumulated_resid(layer=2, apply_ln=True)):
+        with pytest.raises(ValueError, match="post-LN"):
+            call()
     name, _, model, _ = family
     _, cache = model.run_with_cache(torch.randint(3, 1000, (1, 6)))
     if model.cfg.parallel_attn_mlp:

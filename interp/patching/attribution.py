@@ -143,7 +143,7 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
                 deltas.append(_qk_delta(model, kind, by, layer, acts, source, grads, rq, rk))
             else:
                 deltas.append(_linear_delta(kind, by, acts[name], source[name].to(acts[name]), grads[name]))
-        delta = torch.stack(deltas, dim=1).float().cpu()  # [n_prompts, layer, ...grid]
+        delta = torch.stack([d.float().cpu() for d in deltas], dim=1)  # [n_prompts, layer, ...grid]
         per_prompt = base_metric.view(-1, *([1] * (delta.dim() - 1))) + delta
         if metric.normalized:
             per_prompt = baselines.normalize(per_prompt)

@@ -25,6 +25,7 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
+from interp.devices import take
 from interp.patching.metrics import Baselines, Metric, MetricContext, as_metric
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise, PromptLengthError, Run, ablation_source, as_tokens, check_pairs
@@ -63,7 +64,7 @@ class _PackedPrefixKV:
 
     def update(self, layer, k, v):
         def prefix(cached):  # [n_prompts, kv, n_pos, dh] -> [1, kv, n_slots * n_pos, dh]
-            picked = cached.index_select(0, self.prompts)
+            picked = cached.index_select(0, self.prompts.to(cached.device))  # a split model: the layer's device
             return picked.transpose(0, 1).reshape(picked.shape[1], -1, picked.shape[-1])[None]
 
         return (torch.cat([prefix(self.base.keys[layer]), k], dim=2),
@@ -244,7 +245,7 @@ def _run_rows(model, rows, sites, layer, base, base_cache, kv, source_cache, kin
         # A metric position before the row's offset is untouched: read it from the base run.
         before = rel < 0
         if before.any():
-            logits = torch.where(before[..., None], base_logits[prompt], logits)
+            logits = torch.where(before[..., None].to(logits.device), take(base_logits, prompt), logits)
         return logits
     batch = RowBatch(prompt, offset, n_pos - offset, chunk_sites, n_pos)
     hooks = base.hooks_for(prompt) + [(n, _patcher(batch, source_cache, kind)) for n in {s.hook_name for s in chunk_sites}]
@@ -262,7 +263,7 @@ def _packed(model, prompt, offset, chunk_sites, n_pos, layer, base_cache, kv):
     tok_row = torch.repeat_interleave(torch.arange(len(prompt), device=device), length)  # [N]
     tok_pos = offset[tok_row] + torch.arange(int(length.sum()), device=device) - start[tok_row]
     resid = base_cache[f"blocks.{layer}.hook_resid_pre"]  # [n_prompts, n_pos, d_model]
-    x = resid[prompt[tok_row], tok_pos][None]  # [1, N, d_model]
+    x = take(resid, prompt[tok_row], tok_pos)[None]  # [1, N, d_model]
     # Prefix keys: slot u, position j -- a token sees its own prompt's cached positions before its row's offset.
     key_slot = torch.arange(len(slots_prompts), device=device).repeat_interleave(n_pos)
     key_pos = torch.arange(n_pos, device=device).repeat(len(slots_prompts))

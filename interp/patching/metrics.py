@@ -31,7 +31,8 @@ class Metric:
     description: str = ""
 
     def __call__(self, logits, prompt_index, ctx) -> torch.Tensor:
-        return self.fn(logits, prompt_index, ctx)
+        # A model over several devices predicts where its head lives, not where the prompts were embedded.
+        return self.fn(logits, prompt_index.to(logits.device), ctx)
 
 
 def _token_ids(ids, name: str) -> torch.Tensor:

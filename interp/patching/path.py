@@ -26,6 +26,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from interp.devices import take
 from interp.patching.engine import PatchingRuns, _labels, _logits_at, _positions, logits_at
 from interp.patching.metrics import Baselines, MetricContext, as_metric
 from interp.patching.module_path import is_module_spec, module_path_patch
@@ -174,7 +175,7 @@ def _resume(model, base, prompt, base_cache, layer: int, **kwargs):
     if layer == 0:
         inputs = base.tokens[prompt]
     else:
-        inputs = base_cache[f"blocks.{layer}.hook_resid_pre"][prompt]
+        inputs = take(base_cache[f"blocks.{layer}.hook_resid_pre"], prompt)
         kwargs["start_at_layer"] = layer
     return model(inputs, **kwargs) if logit_at is None else logits_at(model, inputs, logit_at, **kwargs)
 
@@ -190,14 +191,14 @@ def _sender_run(model, base, prompt, sets, base_cache, source_cache, z_names, ml
 
     def freeze(tensor, hook):  # z [R, pos, heads, d_head]: base values, the row's senders from the source
         layer = int(hook.name.split(".")[1])
-        frozen = base_cache[hook.name][prompt].to(tensor.dtype)
+        frozen = take(base_cache[hook.name], prompt).to(tensor.dtype)
         if layer not in masks:
             return frozen
-        pick = masks[layer].to(tensor.device)[:, None, :, None] & pos_mask[None, :, None, None]
-        return torch.where(pick, source_cache[hook.name][prompt].to(tensor.dtype), frozen)
+        pick = masks[layer].to(tensor.device)[:, None, :, None] & pos_mask.to(tensor.device)[None, :, None, None]
+        return torch.where(pick, take(source_cache[hook.name], prompt).to(tensor.dtype), frozen)
 
     def freeze_mlp(tensor, hook):
-        return base_cache[hook.name][prompt].to(tensor.dtype)
+        return take(base_cache[hook.name], prompt).to(tensor.dtype)
 
     recorded: dict = {}
     hooks = base.hooks_for(prompt) + [(n, freeze) for n in z_names] + [(n, freeze_mlp) for n in mlp_names]

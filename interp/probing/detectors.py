@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from interp.devices import one_device
 from interp.positions import TokenizedPrompt
 
 
@@ -210,7 +211,7 @@ def layer_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
     if hasattr(model, "attention_patterns"):  # a model we did not build (interp.attach): its own weights
         return torch.stack(model.attention_patterns(tokens), dim=1)
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
-    return torch.stack([cache["pattern", layer] for layer in range(model.cfg.n_layers)], dim=1)
+    return torch.stack(one_device([cache["pattern", layer] for layer in range(model.cfg.n_layers)]), dim=1)
 
 
 def _sequences(model, prompts, tokens) -> Iterable[torch.Tensor]:

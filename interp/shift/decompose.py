@@ -26,6 +26,8 @@ from typing import Sequence
 
 import torch
 
+from interp.devices import one_device, take
+
 
 @dataclass
 class Decomposition:
@@ -140,7 +142,7 @@ def _centres(norm) -> bool:
 def _gathering_hook(store: dict, rows: torch.Tensor, cols: torch.Tensor):
     """Keep only the target rows of an activation [batch, pos, ...] -> [n_targets, ...]."""
     def hook(tensor, hook):
-        store[hook.name] = tensor[rows, cols].detach()
+        store[hook.name] = take(tensor, rows, cols).detach()
     return hook
 
 
@@ -196,14 +198,14 @@ def decompose(model, tokens: torch.Tensor, positions: Sequence[int] | int, layer
     with torch.no_grad():
         stream = model.run_with_hooks(tokens, fwd_hooks=[(n, hook) for n in names], stop_at_layer=layer,
                                       **_forward_kwargs(attention_mask, token_type_ids))
-    resid = stream[rows, cols]  # [n, d_model]: what block `layer` reads (or the last block's output)
+    resid = take(stream, rows, cols)  # [n, d_model]: what block `layer` reads (or the last block's output)
     dtype = torch.promote_types(resid.dtype, torch.float32)
 
     labels, kinds, layer_of, head_of = [], [], [], []
     parts: list[torch.Tensor] = []  # each [n, k, d_model]
 
     def add(part, new_labels, kind, at_layer, heads=None):
-        parts.append(part.to(dtype))
+        parts.append(part.to(resid.device, dtype))  # a split model: every term where the stream ended
         labels.extend(new_labels)
         kinds.extend([kind] * len(new_labels))
         layer_of.extend([at_layer] * len(new_labels))
@@ -211,14 +213,14 @@ def decompose(model, tokens: torch.Tensor, positions: Sequence[int] | int, layer
 
     def through_norm(norm, label, at_layer, first: int = 0):
         # LN(x) with its scale s fixed is linear: push every term (from parts[first] on) through, then add its bias.
-        scale = store[norm.hook_scale.name].to(dtype)[:, None]  # [n, 1, 1]
+        scale = store[norm.hook_scale.name].to(resid.device, dtype)[:, None]  # [n, 1, 1]
         acc = torch.cat(parts[first:], dim=1)  # [n, k, d_model]
         if _centres(norm):
             acc = acc - acc.mean(-1, keepdim=True)
         acc = acc / scale
         weight = getattr(norm, "effective_weight", getattr(norm, "w", None))
         if weight is not None:
-            acc = acc * weight.to(dtype)
+            acc = acc * weight.to(resid.device, dtype)
         parts[first:] = [acc]
         if getattr(norm, "b", None) is not None:
             add(norm.b.to(dtype).expand(len(rows), 1, -1), [label], "norm_bias", at_layer)
@@ -264,9 +266,9 @@ def head_attention_from(model, tokens: torch.Tensor, positions: Sequence[int] | 
     store: dict[str, torch.Tensor] = {}
 
     def hook(pattern, hook):  # [batch, n_heads, q, k] -> [n, n_heads, k]
-        store[hook.name] = pattern[rows, :, cols].detach()
+        store[hook.name] = take(pattern, rows, slice(None), cols).detach()
 
     with torch.no_grad():
         model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", hook) for l in layers],
                              stop_at_layer=layers[-1] + 1, **_forward_kwargs(attention_mask, token_type_ids))
-    return torch.stack([store[f"blocks.{l}.attn.hook_pattern"][:, h] for l, h in heads], dim=1)
+    return torch.stack(one_device([store[f"blocks.{l}.attn.hook_pattern"][:, h] for l, h in heads]), dim=1)

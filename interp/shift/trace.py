@@ -116,7 +116,7 @@ def trace_word(model, word: str, contexts: list[str], labels: list[str] | None =
         tokens = torch.stack([prompts[i].tokens for i in group])  # [batch, pos]
         _, cache = model.run_with_cache(tokens, names_filter=names, return_cache_object=False,
                                         return_type=None)
-        stack = torch.stack([cache[n] for n in names], dim=1).float().cpu()  # [batch, n_layers + 1, pos, d_model]
+        stack = torch.stack([cache[n].float().cpu() for n in names], dim=1)  # [batch, n_layers + 1, pos, d_model]
         for row, i in enumerate(group):
             streams[i] = stack[row]
     vectors = torch.stack([s[:, ps].mean(1) for s, ps in zip(streams, read_pos)])  # [n, n_layers + 1, d_model]

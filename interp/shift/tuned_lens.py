@@ -185,11 +185,16 @@ def _least_squares_init(lens: TunedLens, streams: torch.Tensor, ridge: float) ->
             lens.translators[l].bias.copy_(M[d])
 
 
+DEFAULT_DOCUMENTS = 64  # Wikipedia summaries, ~128 tokens each at max_seq_len: ~8k positions
+
+
 def train_tuned_lens(model, texts: list | None = None, *, streams: torch.Tensor | None = None,
                      steps: int = 12, lr: float = 1e-4, batch_tokens: int = 64, max_seq_len: int = 128,
                      init: str = "least_squares", ridge: float = 1e-2, chunk: int = 64, seed: int = 0,
                      verbose: bool = False) -> TunedLens:
-    """Train a `TunedLens` on `texts` (or precomputed `streams` from `residual_streams`).
+    """Train a `TunedLens` on `texts` (or precomputed `streams` from `residual_streams`); with neither, on
+    the toolkit's default real text, the first `DEFAULT_DOCUMENTS` English Wikipedia summaries
+    (interp.collect.default_corpus).
 
     Each step draws `batch_tokens` cached positions and updates every translator on
     KL(final || lens) with Adam; only the translators have gradients. `init` is
@@ -203,8 +208,12 @@ def train_tuned_lens(model, texts: list | None = None, *, streams: torch.Tensor 
     torch.manual_seed(seed)
     lens = TunedLens(model)
     if streams is None:
+        if texts is None:
+            from interp.collect import default_corpus
+
+            texts = list(default_corpus().texts[:DEFAULT_DOCUMENTS])
         if not texts:
-            raise ValueError("train_tuned_lens needs texts or streams")
+            raise ValueError("train_tuned_lens needs texts or streams (an empty list was given)")
         streams = residual_streams(model, texts, max_seq_len=max_seq_len)
     streams = streams.to(lens.translators[0].weight.device)
     n_tokens, n = streams.shape[0], lens.n_layers
