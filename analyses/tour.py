@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
-STUDIES = ("next_token", "framework", "heads", "ioi", "factual", "shift", "seq2seq")
+STUDIES = ("next_token", "framework", "heads", "ioi", "factual", "shift", "seq2seq", "dictionary")
 BUNDLED = ("smollm2-135m", "minilm-l6", "attn-only-2l", "attn-only-1l")
 SEQ2SEQ_MODEL = "translation-2l"
 
@@ -39,11 +39,13 @@ class TourSettings:
     tuned_lens: bool = True
     top_k: int = 10
     seq2seq_sentences: int = 200
+    dictionary_tokens: int = 20_000  # corpus tokens the dictionary study's feature dashboards read
 
     @classmethod
     def quick(cls) -> "TourSettings":
         return cls(ioi_pairs=3, factual_landmarks=1, heads_models=("attn-only-2l", "attn-only-1l"),
-                   shift_models=("minilm-l6",), tuned_lens=False, top_k=5, seq2seq_sentences=50)
+                   shift_models=("minilm-l6",), tuned_lens=False, top_k=5, seq2seq_sentences=50,
+                   dictionary_tokens=2_000)
 
 
 @dataclass
@@ -215,8 +217,20 @@ def _seq2seq(*, load, model_name, prompt, out, settings, log, progress) -> Stop:
                 path, result.to_dict(), result.headline())
 
 
+def _dictionary(*, load, model_name, prompt, out, settings, log, progress) -> Stop:
+    from analyses.dictionary import dictionary_study, load_study_dictionaries
+
+    sae, transcoder = load_study_dictionaries()
+    result = dictionary_study(load("smollm2-135m"), sae, transcoder, dashboard_tokens=settings.dictionary_tokens,
+                              eval_sequences=4 if settings.dictionary_tokens < 10_000 else 16, progress=progress)
+    path = result.save(out / "dictionary")
+    return Stop("dictionary", "Dictionary features: an SAE and a transcoder trained here on Wikipedia", path,
+                result.to_dict(), result.headline())
+
+
 _STOPS = {"next_token": _next_token, "framework": _framework, "heads": _heads, "ioi": partial(_patching, "ioi"),
-          "factual": partial(_patching, "factual"), "shift": _shift, "seq2seq": _seq2seq}
+          "factual": partial(_patching, "factual"), "shift": _shift, "seq2seq": _seq2seq,
+          "dictionary": _dictionary}
 
 
 def _write_index(out: Path, stops: list[Stop], run: dict, seconds: float) -> Path:

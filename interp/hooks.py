@@ -38,6 +38,7 @@ class HookHandle:
     direction: str
     permanent: bool = False
     read_only: bool = False  # the hook neither replaces nor changes the activation
+    last: bool = False  # runs after every other hook here (a spliced dictionary, interp.sae.splice)
 
     def remove(self) -> None:
         hooks = self.hook_point._hooks[self.direction]
@@ -99,10 +100,22 @@ class HookPoint(nn.Module):
         self.ctx.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for handle in list(self._hooks["fwd"]):
+        fwd = list(self._hooks["fwd"])
+        n = len(fwd)
+        while n and fwd[n - 1].last:  # hooks that run last run after the backward hooks are set, below
+            n -= 1
+        for handle in fwd[:n]:
             out = handle.fn(x, hook=self)
             if out is not None:
                 x = out
+        x = self._with_bwd(x)
+        for handle in fwd[n:]:
+            out = handle.fn(x, hook=self)
+            if out is not None:
+                x = out
+        return x
+
+    def _with_bwd(self, x: torch.Tensor) -> torch.Tensor:
         if self._hooks["bwd"] and torch.is_grad_enabled():
             if not x.requires_grad:
                 # Nothing upstream needs a gradient, so a fresh leaf loses nothing and
@@ -222,6 +235,12 @@ class HookedRootModule(nn.Module):
                 if clear_contexts:
                     for hp in self.hook_dict.values():
                         hp.clear_context()
+
+    def saes(self, saes, use_error_term: bool | None = None):
+        """`with model.saes([sae]):` splices sparse dictionaries in for the block (interp.sae.splice)."""
+        from interp.sae.splice import splice
+
+        return splice(self, saes, use_error_term=use_error_term)
 
     def run_with_hooks(
         self,

@@ -44,7 +44,8 @@ def test_quick_tour_runs_every_study_offline(quick_tour):
     assert attempts == [], "the tour tried to open network connections"
     out = index.parent
     results = json.loads((out / "results.json").read_text())
-    assert list(results["studies"]) == ["next_token", "framework", "heads", "ioi", "factual", "shift", "seq2seq"]
+    assert list(results["studies"]) == ["next_token", "framework", "heads", "ioi", "factual", "shift", "seq2seq",
+                                        "dictionary"]
     text = index.read_text()
     for name, study in results["studies"].items():
         assert (out / study["page"]).exists() and f'href="{study["page"]}"' in text, name
@@ -56,6 +57,10 @@ def test_quick_tour_runs_every_study_offline(quick_tour):
     assert ioi["n_pairs"] >= 2 and all(c > 0 for c in ioi["clean_logit_diff"])
     assert all(r["centroid acc, best"] > 0.9 for r in numbers["shift"]["numbers"]["summary"])
     assert numbers["seq2seq"]["numbers"]["best"]["accuracy"] > 0.9  # cross-attention reads the aligned word
+    dictionary = numbers["dictionary"]["numbers"]  # the shipped SAE, spliced in, keeps most of the loss
+    assert dictionary["SAE_evaluation"]["explained_variance"] > 0.5
+    for latent in dictionary["factual_latents"][:3]:  # each ranked latent has its dashboard
+        assert (out / "dictionary" / "features" / f"feature-{latent}.html").exists()
     for page in out.rglob("*.html"):  # each page says what was run
         assert "What was run" in page.read_text() and "toolkit version" in page.read_text(), page
 

@@ -24,7 +24,7 @@ from interp.patching.metrics import Baselines, MetricContext, as_metric
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise, ablation_source, as_tokens
 from interp.patching.scores import qk_hook_names, score_and_mask
-from interp.patching.sites import default_layers, enumerate_sites, hook_name
+from interp.patching.sites import FEATURE_KINDS, default_layers, enumerate_sites, feature_list, hook_name, is_sae_kind
 
 MERGE_TOKENS = 256  # base prompts x positions up to which the source run shares the graph's forward
 
@@ -32,31 +32,57 @@ MERGE_TOKENS = 256  # base prompts x positions up to which the source run shares
 def attribution_patch(model, clean, corrupted=None, *, kind: str = "resid_pre", by: str = "layer_pos", metric,
                       direction: str = "denoise", noise: GaussianNoise | None = None, ablation: str | None = None,
                       ablation_data=None, layers=None, qk_fix: bool = True, seed: int = 0, prepend_bos=None,
-                      runs: PatchingRuns | None = None) -> PatchResult:
+                      runs: PatchingRuns | None = None, saes=None, features=None) -> PatchResult:
     """Estimate `activation_patch(...)` with the same arguments for every site at once.
 
     qk_fix: AtP*'s exact softmax for q and k sites (False: the plain linear estimate).
+    Dictionary sites (kind="sae_acts_post", by="feature_pos"): every latent of `saes` at once, the gradient
+    taken through the model spliced with the error term (so it is the model's own).
     """
     return attribution_sweeps(model, clean, corrupted, sweeps=[(kind, by)], metric=metric, direction=direction,
                               noise=noise, ablation=ablation, ablation_data=ablation_data, layers=layers,
-                              qk_fix=qk_fix, seed=seed, prepend_bos=prepend_bos, runs=runs)[(kind, by)]
+                              qk_fix=qk_fix, seed=seed, prepend_bos=prepend_bos, runs=runs, saes=saes,
+                              features=features)[(kind, by)]
 
 
 def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, direction: str = "denoise",
                        noise: GaussianNoise | None = None, ablation: str | None = None, ablation_data=None,
                        layers=None, qk_fix: bool = True, seed: int = 0, prepend_bos=None,
-                       runs: PatchingRuns | None = None) -> dict[tuple[str, str], PatchResult]:
+                       runs: PatchingRuns | None = None, saes=None, features=None) -> dict[tuple[str, str], PatchResult]:
     """Several sweeps [(kind, by), ...] from the same 2 forwards and 1 backward: {(kind, by): PatchResult}."""
+    args = (model, clean, corrupted, sweeps, metric, direction, noise, ablation, ablation_data, layers, qk_fix,
+            seed, prepend_bos, runs)
+    if any(is_sae_kind(k) for k, _ in sweeps):
+        from interp.sae.splice import spliced_for
+
+        with spliced_for(model, saes) as entries:
+            return _attribution_sweeps(*args, entries, features)
+    if saes is not None:
+        raise ValueError("saes= belongs to dictionary sites (kind='sae_acts_post', ...), and no sweep has one")
+    return _attribution_sweeps(*args, None, features)
+
+
+def _attribution_sweeps(model, clean, corrupted, sweeps, metric, direction, noise, ablation, ablation_data, layers,
+                        qk_fix, seed, prepend_bos, runs, saes, features) -> dict[tuple[str, str], PatchResult]:
     start = time.perf_counter()
     metric = as_metric(metric)
     runs = runs or PatchingRuns(model, clean, corrupted, noise, prepend_bos)
     n_pos = runs.n_pos
     positions = _positions(metric, n_pos)
-    grids = {sweep: enumerate_sites(model, sweep[0], sweep[1], n_pos, layers)[1:] for sweep in sweeps}  # validates
-    kind_layers = {k: default_layers(model, k) if layers is None else list(layers) for k, _ in sweeps}
+    grids, kind_hooks = {}, {}  # kind_hooks: kind -> [(layer, hook name)] along the grid's first axis
+    for kind, by in sweeps:
+        sae_kind = is_sae_kind(kind)
+        sites, shape, axes = enumerate_sites(model, kind, by, n_pos, None if sae_kind else layers,
+                                             saes if sae_kind else None, features if sae_kind else None)
+        grids[(kind, by)] = (shape, axes)
+        if sae_kind:
+            kind_hooks[kind] = list(dict.fromkeys((s.layer, s.hook_name) for s in sites))
+        else:
+            kind_hooks[kind] = [(layer, hook_name(kind, layer))
+                                for layer in (default_layers(model, kind) if layers is None else list(layers))]
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     kinds = sorted({k for k, _ in sweeps})
-    names = [hook_name(kind, layer) for kind in kinds for layer in kind_layers[kind]]
+    names = list(dict.fromkeys(name for kind in kinds for _, name in kind_hooks[kind]))
     fix = qk_fix and any(k in ("q", "k") for k in kinds)
     rq, rk = qk_hook_names(model.cfg)
     qk_names = [f"blocks.{layer}.{n}" for layer in layers for n in (rq, rk)] if fix else []
@@ -135,20 +161,22 @@ def attribution_sweeps(model, clean, corrupted=None, *, sweeps, metric, directio
         t0 = time.perf_counter()
         deltas = []
         use_fix = qk_fix and kind in ("q", "k")
-        for layer in kind_layers[kind]:
-            name = hook_name(kind, layer)
+        feats = feature_list(saes, features) if kind in FEATURE_KINDS else None
+        for layer, name in kind_hooks[kind]:
             if name not in grads:  # the metric does not depend on this site (e.g. after the read position)
                 grads[name] = torch.zeros_like(acts[name])
             if use_fix:
                 deltas.append(_qk_delta(model, kind, by, layer, acts, source, grads, rq, rk))
             else:
-                deltas.append(_linear_delta(kind, by, acts[name], source[name].to(acts[name]), grads[name]))
+                deltas.append(_linear_delta(kind, by, acts[name], source[name].to(acts[name]), grads[name], feats))
         delta = torch.stack([d.float().cpu() for d in deltas], dim=1)  # [n_prompts, layer, ...grid]
         per_prompt = base_metric.view(-1, *([1] * (delta.dim() - 1))) + delta
         if metric.normalized:
             per_prompt = baselines.normalize(per_prompt)
         shape, axes = grids[(kind, by)]
-        labels = _labels(model, axes, shape, kind_layers[kind], base.tokens, kind)
+        sae_kind = is_sae_kind(kind)
+        labels = _labels(model, axes, shape, [layer for layer, _ in kind_hooks[kind]], base.tokens, kind,
+                         saes if sae_kind else None, features if sae_kind else None)
         results[(kind, by)] = PatchResult(
             kind, by, axes, labels, per_prompt, metric.name, label, baselines.clean, baselines.corrupted,
             metric.normalized, forwards=2, seconds=seconds + time.perf_counter() - t0,
@@ -166,9 +194,15 @@ def _stacked_noise(run_list) -> torch.Tensor | None:
     return torch.cat([x if x is not None else torch.zeros_like(ref) for x in noises])
 
 
-def _linear_delta(kind, by, base, src, grad) -> torch.Tensor:
-    """(src - base) . grad summed to the grid's cell, per prompt (one layer)."""
+def _linear_delta(kind, by, base, src, grad, features=None) -> torch.Tensor:
+    """(src - base) . grad summed to the grid's cell, per prompt (one layer, or one dictionary)."""
     prod = (src - base) * grad
+    if features is not None:  # latents [n, pos, d_sae] -> [n, feature, pos]
+        per_feature = prod[..., features].transpose(1, 2)
+        return per_feature if by == "feature_pos" else per_feature.sum(-1)
+    if by in ("sae_pos", "sae"):  # a dictionary's whole vector [n, pos, d]
+        per_pos = prod.sum(-1)
+        return per_pos if by == "sae_pos" else per_pos.sum(-1)
     if kind == "pattern":  # [n, head, dest, src]
         return {"dest_src": prod, "head_pos": prod.sum(-1), "head": prod.sum((-1, -2))}[by]
     if by in ("layer_pos", "layer"):  # [n, pos, d_model]

@@ -29,7 +29,9 @@ from interp.devices import take
 from interp.patching.metrics import Baselines, Metric, MetricContext, as_metric
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise, PromptLengthError, Run, ablation_source, as_tokens, check_pairs
-from interp.patching.sites import KINDS, RowBatch, default_layers, enumerate_sites, hook_name, is_template
+from interp.patching.sites import (
+    FEATURE_KINDS, KINDS, RowBatch, default_layers, enumerate_sites, feature_list, is_sae_kind, is_template,
+)
 
 
 class _RecordKV:
@@ -151,23 +153,44 @@ class PatchingRuns:
 def activation_patch(model, clean, corrupted=None, *, kind: str = "resid_pre", by: str = "layer_pos", metric,
                      direction: str = "denoise", noise: GaussianNoise | None = None, ablation: str | None = None,
                      ablation_data=None, layers=None, batch_size: int = 512, progress: bool = True,
-                     fast: bool | None = None, seed: int = 0, prepend_bos=None, runs: PatchingRuns | None = None) -> PatchResult:
+                     fast: bool | None = None, seed: int = 0, prepend_bos=None, runs: PatchingRuns | None = None,
+                     saes=None, features=None) -> PatchResult:
     """Patch every site of one kind on a grid and measure `metric` per prompt.
 
     direction "denoise": clean activations into the corrupted run (how much does this
     site restore the clean behaviour?); "noise": corrupted activations into the clean run
     (how much does it break it?). With `ablation` ("zero", "mean", "resample") the clean
     run's site is replaced instead, and no corrupted run is needed.
+
+    Dictionary sites (kind="sae_acts_post", by="feature_pos" | "feature"; interp.patching.sites): `saes`
+    are spliced for the sweep with the error term (None: those spliced now); `features` a subset of latents.
+    A row whose latent is equal in both runs changes nothing and is not run (its value is the base run's).
     """
+    if is_sae_kind(kind):
+        from interp.sae.splice import spliced_for
+
+        with spliced_for(model, saes) as entries:
+            return _activation_patch(model, clean, corrupted, kind, by, metric, direction, noise, ablation,
+                                     ablation_data, layers, batch_size, progress, fast, seed, prepend_bos, runs,
+                                     entries, features)
+    if saes is not None:
+        raise ValueError(f"saes= belongs to dictionary sites (kind='sae_acts_post', ...), not {kind!r}")
+    return _activation_patch(model, clean, corrupted, kind, by, metric, direction, noise, ablation, ablation_data,
+                             layers, batch_size, progress, fast, seed, prepend_bos, runs, None, features)
+
+
+def _activation_patch(model, clean, corrupted, kind, by, metric, direction, noise, ablation, ablation_data, layers,
+                      batch_size, progress, fast, seed, prepend_bos, runs, saes, features) -> PatchResult:
     start = time.perf_counter()
     metric = as_metric(metric)
     runs = runs or PatchingRuns(model, clean, corrupted, noise, prepend_bos)
     n_pos = runs.n_pos
     positions = _positions(metric, n_pos)
-    sites, shape, axes = enumerate_sites(model, kind, by, n_pos, layers)
+    sites, shape, axes = enumerate_sites(model, kind, by, n_pos, layers, saes, features)
     site_layers = sorted({s.layer for s in sites})
-    hook_names = [hook_name(kind, layer) for layer in site_layers]
+    hook_names = list(dict.fromkeys(s.hook_name for s in sites))
     fast = getattr(model, "supports_resume", False) if fast is None else fast
+    fast = fast and min(site_layers) >= 0  # a dictionary outside the blocks: nothing to resume from
 
     # The two unpatched runs: baselines for the metric, the base run's residual stream and
     # keys/values (where rows resume), and the source activations patched in.
@@ -200,9 +223,15 @@ def activation_patch(model, clean, corrupted=None, *, kind: str = "resid_pre", b
     # Rows: every site for every prompt, grouped by the layer they resume at.
     n_prompts = base.tokens.shape[0]
     values = torch.zeros(n_prompts, len(sites))
+    # A latent equal in both runs (most are zero in both) patches nothing: the row would be the base run.
+    needed = _changed(sites, base_cache, source_cache) if kind in FEATURE_KINDS else None
+    if needed is not None:
+        values[:] = metric(base_logits, prompts_idx, ctx).float().cpu()[:, None]
     groups: dict[int, list] = defaultdict(list)
     for si, site in enumerate(sites):
         for b in range(n_prompts):
+            if needed is not None and not needed[si, b]:
+                continue
             # Under bidirectional attention a patch reaches earlier positions too: rows start at 0.
             offset = site.first_affected if fast and model.cfg.causal else 0
             groups[site.layer if fast else 0].append((si, b, offset))
@@ -221,10 +250,29 @@ def activation_patch(model, clean, corrupted=None, *, kind: str = "resid_pre", b
     per_prompt = values.view(n_prompts, *shape)
     if metric.normalized:
         per_prompt = baselines.normalize(per_prompt)
-    labels = _labels(model, axes, shape, layers, base.tokens, kind)
+    labels = _labels(model, axes, shape, layers, base.tokens, kind, saes, features)
+    extra = {"rows": len(sites) * n_prompts, "resumed": fast}
+    if saes is not None:
+        extra.update(saes=[e.prefix for e in saes], rows_run=sum(len(r) for r in groups.values()))
     return PatchResult(kind, by, axes, labels, per_prompt, metric.name, label, baselines.clean, baselines.corrupted,
-                       metric.normalized, forwards=len(chunks) + 2, seconds=time.perf_counter() - start,
-                       extra={"rows": len(sites) * n_prompts, "resumed": fast})
+                       metric.normalized, forwards=len(chunks) + 2, seconds=time.perf_counter() - start, extra=extra)
+
+
+def _changed(sites, base_cache, source_cache) -> torch.Tensor:
+    """[n_sites, n_prompts] bool: does the source differ from the base run at the site's latent (at any position,
+    for a site over all positions)?"""
+    by_hook: dict[str, list[int]] = defaultdict(list)
+    for i, site in enumerate(sites):
+        by_hook[site.hook_name].append(i)
+    out = torch.zeros(len(sites), next(iter(base_cache.values())).shape[0], dtype=torch.bool)
+    for name, idx in by_hook.items():
+        differs = (source_cache[name].to(base_cache[name]) != base_cache[name]).cpu()  # [n_prompts, pos, d_sae]
+        feats = torch.tensor([sites[i].head for i in idx])
+        if sites[idx[0]].pos is None:
+            out[idx] = differs[:, :, feats].any(1).T
+        else:
+            out[idx] = differs[:, torch.tensor([sites[i].pos for i in idx]), feats].T
+    return out
 
 
 def _run_rows(model, rows, sites, layer, base, base_cache, kv, source_cache, kind, positions, fast, base_logits):
@@ -239,7 +287,8 @@ def _run_rows(model, rows, sites, layer, base, base_cache, kv, source_cache, kin
     if fast:
         batch, inputs = _packed(model, prompt, offset, chunk_sites, n_pos, layer, base_cache, kv)
         flat = (batch.start[:, None] + rel.clamp(min=0)).reshape(1, -1)
-        with model.hooks(fwd_hooks=[(hook_name(kind, layer), _patcher(batch, source_cache, kind))]):
+        patcher = _patcher(batch, source_cache, kind)
+        with model.hooks(fwd_hooks=[(n, patcher) for n in dict.fromkeys(s.hook_name for s in chunk_sites)]):
             logits = model(inputs.pop("x"), start_at_layer=layer, logit_positions=flat, **inputs)
         logits = logits.view(len(rows), len(positions), -1)
         # A metric position before the row's offset is untouched: read it from the base run.
@@ -307,12 +356,16 @@ def _patcher(batch: RowBatch, source_cache, kind):
     return patch
 
 
-def _labels(model, axes, shape, layers, tokens, kind) -> dict[str, list[str]]:
-    layers = default_layers(model, kind) if layers is None else list(layers)
-    head = "E" if not is_template(kind) and KINDS.get(kind, (None, None))[1] == "experts" else "H"
+def _labels(model, axes, shape, layers, tokens, kind, saes=None, features=None) -> dict[str, list[str]]:
     pos_labels = [f"{i}" for i in range(tokens.shape[1])]
     if getattr(model, "tokenizer", None) is not None:
         pos_labels = [f"{i} {t}" for i, t in enumerate(model.to_str_tokens(tokens[0]))]
+    if saes is not None:  # dictionary sites: [sae, feature, pos] and the like
+        feats = feature_list(saes, features) if kind in FEATURE_KINDS else []
+        named = {"sae": [e.prefix for e in saes], "feature": [f"F{f}" for f in feats], "pos": pos_labels}
+        return {axis: named[axis][:n] for axis, n in zip(axes, shape)}
+    layers = default_layers(model, kind) if layers is None else list(layers)
+    head = "E" if not is_template(kind) and KINDS.get(kind, (None, None))[1] == "experts" else "H"
     out = {}
     for axis, n in zip(axes, shape):
         if axis == "layer":

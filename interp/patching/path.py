@@ -33,6 +33,7 @@ from interp.patching.module_path import is_module_spec, module_path_patch
 from interp.patching.result import PatchResult
 from interp.patching.runs import GaussianNoise
 from interp.patching.scores import qk_hook_names, score_and_mask
+from interp.patching.sites import feature_list
 
 Head = tuple[int, int]
 
@@ -66,7 +67,7 @@ def _check_head(model, head, what: str) -> None:
 def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid", receiver_inputs: str = "q",
                metric, direction: str = "noise", noise: GaussianNoise | None = None, sender_positions=None,
                freeze_mlps: bool = False, batch_size: int = 64, progress: bool = True, prepend_bos=None,
-               runs: PatchingRuns | None = None, freeze=None) -> PatchResult:
+               runs: PatchingRuns | None = None, freeze=None, saes=None, features=None) -> PatchResult:
     """Path-patch senders -> receivers.
 
     senders: a list of (layer, head) patched together (the result's grid is empty: one
@@ -75,11 +76,62 @@ def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid
     (layer, head, "qk") to choose inputs per receiver); receiver_inputs: the default inputs.
     sender_positions: positions whose sender outputs are patched (default all).
 
+    Features of spliced dictionaries as senders: "features", every latent of `saes` (or the
+    `features` subset) on its own, a [sae, feature] map; or (hook, feature) pairs in the list,
+    e.g. ("blocks.0.hook_resid_post.hook_sae_acts_post", 12), patched together (with heads, if
+    any). `saes` are spliced with the error term for the call (None: those spliced now). Every
+    head stays frozen, so a feature reaches the receivers along the residual stream (and MLPs).
+
     Senders given as hook names or a template ("model.layers.{layer}.mlp") select the
     module-level form, which runs on any hookable model (attached ones too): receivers and
     `freeze` are then hook names as well (`interp.patching.module_path`).
     """
-    if is_module_spec(senders):
+    if senders == "features" or (isinstance(senders, (list, tuple)) and any(map(_is_feature, senders))):
+        from interp.sae.splice import spliced_for
+
+        with spliced_for(model, saes) as entries:
+            return _path_patch(model, clean, corrupted, senders, receivers, receiver_inputs, metric, direction, noise,
+                               sender_positions, freeze_mlps, batch_size, progress, prepend_bos, runs, freeze,
+                               entries, features)
+    if saes is not None or features is not None:
+        raise ValueError("saes= and features= choose feature senders: senders='features' or (hook, feature) pairs")
+    return _path_patch(model, clean, corrupted, senders, receivers, receiver_inputs, metric, direction, noise,
+                       sender_positions, freeze_mlps, batch_size, progress, prepend_bos, runs, freeze, None, None)
+
+
+def _is_feature(sender) -> bool:
+    """A (hook name, feature) pair, as opposed to a (layer, head) pair."""
+    return isinstance(sender, (list, tuple)) and len(sender) == 2 and isinstance(sender[0], str)
+
+
+def _feature_senders(model, senders, entries, features):
+    """Feature sender sets, grid and labels; the layer each dictionary reads in, by its latents' hook name."""
+    layer_of = {e.hook("acts_post"): e for e in entries}
+    if senders == "features":
+        feats = feature_list(entries, features)
+        sets = [[(e.hook("acts_post"), f)] for e in entries for f in feats]
+        labels = {"sae": [e.prefix for e in entries], "feature": [f"F{f}" for f in feats]}
+        return sets, (len(entries), len(feats)), ("sae", "feature"), labels, layer_of
+    items = []
+    for s in senders:
+        if not _is_feature(s):
+            _check_head(model, s, "sender")
+            items.append(tuple(s))
+            continue
+        hook, f = s[0], int(s[1])
+        if hook not in layer_of:
+            raise ValueError(f"feature sender {tuple(s)}: {hook!r} is not the hook_sae_acts_post of a spliced "
+                             f"dictionary (spliced: {', '.join(layer_of) or 'none'})")
+        if not 0 <= f < layer_of[hook].d_sae:
+            raise ValueError(f"feature sender {tuple(s)} is outside the dictionary's 0..{layer_of[hook].d_sae - 1}")
+        items.append((hook, f))
+    return [items], (), (), {}, layer_of
+
+
+def _path_patch(model, clean, corrupted, senders, receivers, receiver_inputs, metric, direction, noise,
+                sender_positions, freeze_mlps, batch_size, progress, prepend_bos, runs, freeze, entries,
+                features) -> PatchResult:
+    if entries is None and is_module_spec(senders):
         return module_path_patch(model, clean, corrupted, senders=senders, receivers=receivers, freeze=freeze,
                                  metric=metric, direction=direction, noise=noise, sender_positions=sender_positions,
                                  progress=progress, prepend_bos=prepend_bos, runs=runs)
@@ -98,7 +150,18 @@ def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid
     cfg = model.cfg
     recv = _receivers(model, receivers, receiver_inputs)
     top = cfg.n_layers if recv == "resid" else min(r[0] for r in recv)
-    if senders == "each":
+    feature_hooks: dict = {}
+    if entries is not None:
+        sender_sets, shape, axes, labels, feature_hooks = _feature_senders(model, senders, entries, features)
+        late = [e.prefix for e in entries if e.layer is not None and e.layer > top
+                and any(s[0] == e.hook("acts_post") for ss in sender_sets for s in ss)]
+        if late:
+            raise ValueError(f"the dictionaries at {', '.join(late)} read after the receivers (lowest receiver layer "
+                             f"{top}): no path runs from their features to them")
+        for s in sender_sets[0] if not axes else []:
+            if not _is_feature(s) and s[0] >= top:
+                raise ValueError(f"sender {s} is not below the receivers (lowest receiver layer {top})")
+    elif senders == "each":
         sender_sets = [[(layer, h)] for layer in range(top) for h in range(cfg.n_heads)]
         shape, axes = (top, cfg.n_heads), ("layer", "head")
     else:
@@ -124,8 +187,9 @@ def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid
     resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(cfg.n_layers)]
     with torch.no_grad():
         base_logits, base_cache = _logits_at(model, base.tokens, base.hooks, positions,
-                                             z_names + mlp_names + recv_names + resid_names)
-        source_logits, source_cache = _logits_at(model, source_run.tokens, source_run.hooks, positions, z_names)
+                                             z_names + mlp_names + recv_names + resid_names + list(feature_hooks))
+        source_logits, source_cache = _logits_at(model, source_run.tokens, source_run.hooks, positions,
+                                                 z_names + list(feature_hooks))
     clean_logits = base_logits if base is runs.clean else source_logits
     corrupt_logits = source_logits if base is runs.clean else base_logits
     ctx = MetricContext(clean_logits, corrupt_logits)
@@ -138,11 +202,22 @@ def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid
     # models that can resume start there from the base residual stream.
     resume = getattr(model, "supports_resume", False)
     rows = [(si, b) for si in range(len(sender_sets)) for b in range(n_prompts)]
+    values = torch.zeros(n_prompts, len(sender_sets))
+    if feature_hooks and all(_is_feature(s) for ss in sender_sets for s in ss):
+        # Senders equal in both runs at the sender positions change nothing (every head is frozen at the base
+        # run): the row is the base run, whose value it takes.
+        values[:] = metric(base_logits, prompt_all, ctx).float().cpu()[:, None]
+        moved = {h: (source_cache[h].to(base_cache[h]) != base_cache[h]) & pos_mask[None, :, None].to(base_cache[h].device)
+                 for h in feature_hooks}
+        rows = [(si, b) for si, b in rows if any(bool(moved[h][b, :, f].any()) for h, f in sender_sets[si])]
+
+    def first_layer(items) -> int:  # where a row's run may start: its lowest sender (a dictionary: where it reads)
+        return min(s[0] if not _is_feature(s) else (feature_hooks[s[0]].layer or 0) for s in items)
+
     groups: dict[int, list] = {}
     for si, b in rows:
-        groups.setdefault(min(l for l, _ in sender_sets[si]) if resume else 0, []).append((si, b))
+        groups.setdefault(first_layer(sender_sets[si]) if resume else 0, []).append((si, b))
     chunks = [(layer, g[i: i + batch_size]) for layer, g in sorted(groups.items()) for i in range(0, len(g), batch_size)]
-    values = torch.zeros(n_prompts, len(sender_sets))
     forwards = 2
     recv_start = (min(recv_layers) if resume else 0) if recv != "resid" else 0
     with torch.no_grad():
@@ -159,13 +234,15 @@ def path_patch(model, clean, corrupted=None, *, senders="each", receivers="resid
     per_prompt = values.view(n_prompts, *shape)
     if metric.normalized:
         per_prompt = baselines.normalize(per_prompt)
-    labels = _labels(model, axes, shape, list(range(top)), base.tokens, "z") if axes else {}
+    if entries is None:
+        labels = _labels(model, axes, shape, list(range(top)), base.tokens, "z") if axes else {}
     what = "resid" if recv == "resid" else ", ".join(f"L{l}H{h}.{w}" for l, h, w in recv)
-    return PatchResult("path", "head" if axes else "set", axes, labels, per_prompt, metric.name, label,
+    grid = ("feature" if entries is not None else "head") if axes else "set"
+    return PatchResult("path", grid, axes, labels, per_prompt, metric.name, label,
                        baselines.clean, baselines.corrupted, metric.normalized, forwards=forwards,
                        seconds=time.perf_counter() - start,
-                       extra={"receivers": what, "senders": "each" if senders == "each" else sender_sets[0],
-                              "freeze_mlps": freeze_mlps})
+                       extra={"receivers": what, "senders": senders if senders in ("each", "features") else sender_sets[0],
+                              "freeze_mlps": freeze_mlps, **({"rows_run": len(rows)} if entries else {})})
 
 
 def _resume(model, base, prompt, base_cache, layer: int, **kwargs):
@@ -184,10 +261,13 @@ def _sender_run(model, base, prompt, sets, base_cache, source_cache, z_names, ml
                 positions, start_layer: int):
     """Step 1 for a chunk of rows: logits [R, k, vocab] (receivers = resid) or the receivers' recorded inputs."""
     R, H = len(sets), model.cfg.n_heads
-    masks = {}
-    for r, heads in enumerate(sets):
-        for layer, h in heads:
-            masks.setdefault(layer, torch.zeros(R, H, dtype=torch.bool))[r, h] = True
+    masks, feature_masks = {}, {}
+    for r, items in enumerate(sets):
+        for a, b in items:
+            if isinstance(a, str):  # a feature: (its hook, its index)
+                feature_masks.setdefault(a, torch.zeros(R, source_cache[a].shape[-1], dtype=torch.bool))[r, b] = True
+            else:
+                masks.setdefault(a, torch.zeros(R, H, dtype=torch.bool))[r, b] = True
 
     def freeze(tensor, hook):  # z [R, pos, heads, d_head]: base values, the row's senders from the source
         layer = int(hook.name.split(".")[1])
@@ -200,8 +280,13 @@ def _sender_run(model, base, prompt, sets, base_cache, source_cache, z_names, ml
     def freeze_mlp(tensor, hook):
         return take(base_cache[hook.name], prompt).to(tensor.dtype)
 
+    def send_features(tensor, hook):  # latents [R, pos, d_sae]: the row's features from the source
+        pick = feature_masks[hook.name].to(tensor.device)[:, None, :] & pos_mask.to(tensor.device)[None, :, None]
+        return torch.where(pick, take(source_cache[hook.name], prompt).to(tensor.dtype), tensor)
+
     recorded: dict = {}
     hooks = base.hooks_for(prompt) + [(n, freeze) for n in z_names] + [(n, freeze_mlp) for n in mlp_names]
+    hooks += [(n, send_features) for n in feature_masks]
     hooks += [(n, lambda t, hook: recorded.__setitem__(hook.name, t.detach())) for n in recv_names]
     with model.hooks(fwd_hooks=hooks):
         if not recv_names:

@@ -9,8 +9,14 @@ A sweep patches every site of one kind on a grid (`by`):
 | "head_pos" | [layer, head, pos] | z, q, k, v, result, pattern (the destination row) |
 | "head" | [layer, head] (all positions) | the same |
 | "dest_src" | [layer, head, dest, src] | pattern (one attention weight) |
+| "feature_pos" | [sae, feature, pos] | sae_acts_post, sae_acts_pre (one latent of a spliced dictionary) |
+| "feature" | [sae, feature] (all positions) | the same |
+| "sae_pos" | [sae, pos] | sae_input, sae_recons, sae_error, sae_output (the whole vector) |
+| "sae" | [sae] (all positions) | the same |
 
 k and v are patched per KV head (grouped-query models have fewer than query heads).
+Dictionary kinds patch the hook points of dictionaries spliced into the model (interp.sae.splice);
+`saes` says which (the sae axis) and `features` which latents (default: every one).
 """
 
 from __future__ import annotations
@@ -39,6 +45,19 @@ KINDS: dict[str, tuple[str, str | None]] = {
     "expert": ("blocks.{layer}.mlp.hook_experts", "experts"),
 }
 MOE_KINDS = ("router_logits", "expert")
+# Hook points of spliced dictionaries (interp.sae.splice): kind -> the point's name on the dictionary. The
+# feature of a per-feature kind sits in a Site's `head` slot: both index dim 2 of [batch, pos, ...].
+SAE_KINDS = {
+    "sae_acts_post": "hook_sae_acts_post", "sae_acts_pre": "hook_sae_acts_pre", "sae_input": "hook_sae_input",
+    "sae_recons": "hook_sae_recons", "sae_error": "hook_sae_error", "sae_output": "hook_sae_output",
+}
+FEATURE_KINDS = ("sae_acts_post", "sae_acts_pre")
+SAE_GRIDS = {
+    "feature_pos": ("sae", "feature", "pos"),
+    "feature": ("sae", "feature"),
+    "sae_pos": ("sae", "pos"),
+    "sae": ("sae",),
+}
 GRIDS = {
     "layer_pos": ("layer", "pos"),
     "layer": ("layer",),
@@ -55,10 +74,11 @@ class Site:
     pos: int | None = None  # None: every position (for patterns: every destination)
     head: int | None = None  # None: the whole activation (per-head kinds: every head)
     src: int | None = None  # patterns only: the key position
+    hook: str | None = None  # dictionary sites: the hook point's full name (`layer` is then the block it reads in)
 
     @property
     def hook_name(self) -> str:
-        return hook_name(self.kind, self.layer)
+        return self.hook if self.hook is not None else hook_name(self.kind, self.layer)
 
     @property
     def first_affected(self) -> int:
@@ -102,8 +122,19 @@ def default_layers(model, kind: str) -> list[int]:
     return [layer for layer in layers if _is_moe(model, layer)] if kind in MOE_KINDS else layers
 
 
-def enumerate_sites(model, kind: str, by: str, n_pos: int, layers=None) -> tuple[list[Site], tuple[int, ...], tuple[str, ...]]:
-    """Every site of a sweep, in grid order, with the grid's shape and axis names."""
+def enumerate_sites(model, kind: str, by: str, n_pos: int, layers=None, saes=None,
+                    features=None) -> tuple[list[Site], tuple[int, ...], tuple[str, ...]]:
+    """Every site of a sweep, in grid order, with the grid's shape and axis names.
+
+    Dictionary kinds (SAE_KINDS) take `saes`, the spliced entries (interp.sae.splice.resolve), and `features`.
+    """
+    if kind in SAE_KINDS:
+        if layers is not None:
+            raise ValueError(f"layers= selects the model's own sites; {kind!r} sites are chosen with saes=[...] "
+                             "(and features=[...])")
+        return _sae_sites(kind, by, n_pos, saes, features)
+    if features is not None:
+        raise ValueError(f"features= selects latents of dictionary sites (kind='sae_acts_post'), not {kind!r} sites")
     hook_name(kind, 0)  # validates the kind
     if by not in GRIDS:
         raise ValueError(f"unknown sweep {by!r}; choose from {', '.join(GRIDS)}")
@@ -137,6 +168,50 @@ def enumerate_sites(model, kind: str, by: str, n_pos: int, layers=None) -> tuple
         sites.append(Site(kind, v["layer"], pos, v.get("head"), v.get("src")))
     shape = tuple(len(ranges[a]) for a in axes)
     return sites, shape, axes
+
+
+def is_sae_kind(kind: str) -> bool:
+    return kind in SAE_KINDS
+
+
+def feature_list(saes, features) -> list[int]:
+    """The latents a dictionary sweep covers: `features`, or every one (the dictionaries' widths must agree)."""
+    widths = {e.d_sae for e in saes}
+    if features is None:
+        if len(widths) > 1:
+            raise ValueError(f"the dictionaries have different widths ({sorted(widths)}), so no one feature axis fits "
+                             "them all: sweep them one at a time, or pass features=[...] present in each")
+        return list(range(widths.pop()))
+    feats = [int(f) for f in (features.tolist() if isinstance(features, torch.Tensor) else features)]
+    bad = [f for f in feats if not 0 <= f < min(widths)]
+    if bad or not feats:
+        raise ValueError(f"features {bad or '[]'} are outside the dictionaries' 0..{min(widths) - 1}")
+    return feats
+
+
+def _sae_sites(kind: str, by: str, n_pos: int, saes, features):
+    if not saes:
+        raise ValueError(f"{kind!r} sites are latents of spliced dictionaries: pass saes=[...] (spliced for the "
+                         "sweep with the error term) or sweep inside `with splice(model, saes):`")
+    per_feature = kind in FEATURE_KINDS
+    if by not in SAE_GRIDS or per_feature != by.startswith("feature"):
+        good = "feature_pos or feature" if per_feature else "sae_pos or sae"
+        raise ValueError(f"{kind!r} is {'a per-feature' if per_feature else 'a whole-vector'} dictionary site; "
+                         f"sweep it by {good}, not {by!r}")
+    if kind == "sae_error":
+        off = [e.prefix for e in saes if not e.dictionary.use_error_term]
+        if off:
+            raise ValueError(f"the dictionaries at {', '.join(off)} are spliced without the error term, so "
+                             "hook_sae_error never fires: splice them with use_error_term=True")
+    if not per_feature and features is not None:
+        raise ValueError(f"features= selects latents; {kind!r} patches the whole vector")
+    feats = feature_list(saes, features) if per_feature else [None]
+    axes = SAE_GRIDS[by]
+    positions = range(n_pos) if axes[-1] == "pos" else [None]
+    sites = [Site(kind, -1 if e.layer is None else e.layer, p, f, hook=e.hook(SAE_KINDS[kind]))
+             for e in saes for f in feats for p in positions]
+    shape = {"sae": len(saes), "feature": len(feats), "pos": n_pos}
+    return sites, tuple(shape[a] for a in axes), axes
 
 
 @dataclass
