@@ -25,15 +25,16 @@ Formats, as their own code defines them (checked against sae-lens 6.54.12 and El
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from interp.sae.dictionary import DictionaryConfig, DictionaryConfigError, SparseDictionary
+from interp.sae.fitting import (  # noqa: F401  (re-exported: formats.py was their home)
+    DictionaryMismatchError, DimensionMismatchError, HookNotInModelError, NormNotFoldedError, check_fits,
+)
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -72,22 +73,6 @@ class UnsupportedDictionaryError(DictionaryFormatError):
 
 class HookNameError(DictionaryFormatError):
     """Where the dictionary reads cannot be told from the files: pass hook_name= (and out_hook_name=)."""
-
-
-class DictionaryMismatchError(ValueError):
-    """A dictionary that does not fit a model (check_fits)."""
-
-
-class HookNotInModelError(DictionaryMismatchError):
-    """The dictionary's hook is not one of the model's hook points."""
-
-
-class DimensionMismatchError(DictionaryMismatchError):
-    """The dictionary's d_in (or a transcoder's d_out) differs from the width of the model's activation there."""
-
-
-class NormNotFoldedError(DictionaryMismatchError):
-    """A dictionary trained on a sublayer's input (after its norm's weights) put on a hook before those weights."""
 
 
 # ---------------------------------------------------------------------------------------------- hook names
@@ -210,8 +195,10 @@ def load_dictionary(path: str | Path, model=None, *, hook_name: str | None = Non
     on the model's device (device= overrides). dtype: cast the weights (default: the file's).
     """
     kind, where = detect_format(path)
-    loader = {"saelens": _load_saelens, "saelens-legacy": _load_saelens, "gemma-scope": _load_gemma_scope,
-              "sparsify": _load_sparsify}[kind]
+    from interp.sae.foreign_formats import load_gemma_scope, load_sparsify
+
+    loader = {"saelens": _load_saelens, "saelens-legacy": _load_saelens, "gemma-scope": load_gemma_scope,
+              "sparsify": load_sparsify}[kind]
     cfg, tensors = loader(where, hook_name, out_hook_name, model)
     cfg.metadata["source_format"] = kind
     if dtype is not None:
@@ -407,108 +394,6 @@ def _saelens_hook(f: dict, key: str, hf_key: str, where: Path, model, side: int)
                                    f"pass {'hook_name' if side == 0 else 'out_hook_name'}= in our hook names")
 
 
-_GEMMA_KINDS = re.compile(r"gemma-scope(?:-2)?-(\d+b)-(pt|it)-(res|mlp|att|transcoders)", re.IGNORECASE)
-
-
-def _load_gemma_scope(where: Path, hook_name, out_hook_name, model):
-    with np.load(where) as data:
-        arrays = {("W_" + k[2:] if k.startswith("w_") else k): np.asarray(data[k]) for k in data.files}
-    need = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
-    absent = [k for k in need if k not in arrays]
-    if absent:
-        raise DictionaryWeightsError(f"{where} lacks {', '.join(absent)} (a Gemma Scope params.npz holds "
-                                     f"{', '.join(need)})")
-    tensors = {k: torch.from_numpy(v.astype(np.float32, copy=False)) for k, v in arrays.items()}
-    if tensors["W_enc"].ndim != 2 or tensors["W_dec"].ndim != 2:
-        raise DictionaryWeightsError(f"{where}: W_enc {tuple(tensors['W_enc'].shape)} and W_dec "
-                                     f"{tuple(tensors['W_dec'].shape)} should be matrices [d_in, d_sae], "
-                                     "[d_sae, d_out]")
-    if "scaling_factor" in tensors:
-        _fold_feature_scale(tensors, "scaling_factor")
-    d_in, d_sae = tensors["W_enc"].shape
-    d_out = tensors["W_dec"].shape[1]
-    text = where.resolve().as_posix()
-    layer = re.search(r"(?:^|/)layer_(\d+)(?:/|$)", text)
-    kind = _GEMMA_KINDS.search(text.replace("--", "/"))
-    reshape, metadata = "none", {}
-    if hook_name is None:
-        if layer is None or kind is None:
-            raise HookNameError(f"{where}: a Gemma Scope params.npz does not say where it reads, and the path does "
-                                "not either (expected .../gemma-scope-2b-pt-res/layer_12/...): pass hook_name= "
-                                "(e.g. 'blocks.12.hook_resid_post')")
-        n, site = int(layer.group(1)), kind.group(3).lower()
-        hook_name = {"res": f"blocks.{n}.hook_resid_post", "mlp": f"blocks.{n}.hook_mlp_out",
-                     "att": f"blocks.{n}.attn.hook_z", "transcoders": f"blocks.{n}.ln2.hook_normalized"}[site]
-        if site == "att":
-            reshape = "hook_z"
-        if site == "transcoders":
-            out_hook_name = out_hook_name or f"blocks.{n}.hook_mlp_out"
-            metadata["reads_norm_output"] = True
-    elif hook_name.endswith("hook_z"):
-        reshape = "hook_z"
-    if out_hook_name is None and d_out != d_in:
-        raise HookNameError(f"{where}: W_dec writes {d_out} features from {d_in} inputs, so this is a transcoder: "
-                            "pass out_hook_name= (where it writes)")
-    if kind is not None:
-        metadata["model_name"] = f"gemma-2-{kind.group(1).lower()}" + ("-it" if kind.group(2).lower() == "it" else "")
-    cfg = DictionaryConfig(architecture="jumprelu", d_in=d_in, d_sae=d_sae, hook_name=hook_name,
-                           out_hook_name=out_hook_name, d_out=d_out, apply_b_dec_to_input=False,
-                           model_name=metadata.pop("model_name", None), dtype="float32", metadata=metadata,
-                           reshape_activations=reshape)
-    return cfg, tensors
-
-
-def _load_sparsify(where: Path, hook_name, out_hook_name, model):
-    from safetensors.torch import load_file
-
-    raw = _read_json(where / SPARSIFY_CFG)
-    _missing(raw, ("d_in", "k"), where / SPARSIFY_CFG, "sparsify writes d_in and k into every cfg.json")
-    if raw.get("activation", "topk") != "topk":
-        raise UnsupportedDictionaryError(f"{where}: sparsify activation {raw['activation']!r} (we implement topk)")
-    if raw.get("signed"):
-        raise UnsupportedDictionaryError(f"{where}: a signed sparsify SAE (top k by magnitude) is not implemented")
-    transcode, skip = bool(raw.get("transcode")), bool(raw.get("skip_connection"))
-    if skip and not transcode:
-        raise UnsupportedDictionaryError(f"{where}: a skip connection on an SAE (transcode=false) is not implemented")
-    stored = load_file(str(where / SPARSIFY_WEIGHTS))
-    need = ["encoder.weight", "encoder.bias", "W_dec", "b_dec"] + (["W_skip"] if skip else [])
-    absent = [k for k in need if k not in stored]
-    if absent:
-        raise DictionaryWeightsError(f"{where / SPARSIFY_WEIGHTS} lacks {', '.join(absent)} (a sparsify "
-                                     f"{'transcoder' if transcode else 'SAE'} stores {', '.join(need)})")
-    d_sae, d_in = stored["encoder.weight"].shape
-    if raw.get("num_latents") and raw["num_latents"] != d_sae:
-        raise DictionaryWeightsError(f"{where}: cfg.json says num_latents={raw['num_latents']}, encoder.weight "
-                                     f"has {d_sae}")
-    tensors = {"W_enc": stored["encoder.weight"].T, "b_enc": stored["encoder.bias"], "W_dec": stored["W_dec"],
-               "b_dec": stored["b_dec"]}
-    if skip:
-        tensors["W_skip"] = stored["W_skip"]
-    metadata = {"sparsify_hookpoint": where.name}
-    if hook_name is None or (transcode and out_hook_name is None):
-        try:
-            module_in, module_out = hooks_for_module_path(where.name, model)
-        except HookNameError as err:
-            raise HookNameError(f"{where}: sparsify names the hookpoint by its folder; {err}") from None
-        if transcode:
-            if module_in is None:
-                raise HookNameError(f"{where}: a transcoder on {where.name!r} has no input hook: pass hook_name=")
-            hook_name, out_hook_name = hook_name or module_in, out_hook_name or module_out
-            metadata["reads_norm_output"] = module_in.endswith("hook_normalized")
-        else:
-            hook_name = hook_name or module_out
-    run_cfg = where.parent / "config.json"  # the training run's config, beside the hookpoint folders
-    model_name = _read_json(run_cfg).get("model") if run_cfg.is_file() else None
-    cfg = DictionaryConfig(architecture="topk", d_in=int(d_in), d_sae=int(d_sae), hook_name=hook_name,
-                           out_hook_name=out_hook_name if transcode else None, d_out=int(tensors["W_dec"].shape[1]),
-                           k=int(raw["k"]), apply_b_dec_to_input=not transcode, skip=skip, model_name=model_name,
-                           dtype=_dtype_name(stored["encoder.weight"].dtype), metadata=metadata)
-    if transcode and not cfg.is_transcoder:
-        raise HookNameError(f"{where}: a transcoder must write somewhere other than it reads; got hook_name="
-                            f"out_hook_name={hook_name!r}")
-    return cfg, tensors
-
-
 # ---------------------------------------------------------------------------------------------- saving
 def saelens_architecture(cfg: DictionaryConfig) -> str:
     """The SAELens architecture a dictionary is saved as (BatchTopK as JumpReLU, with its threshold)."""
@@ -580,82 +465,9 @@ def save_dictionary(sae: SparseDictionary, folder: str | Path) -> Path:
     return folder
 
 
-# ---------------------------------------------------------------------------------------------- fitting a model
-_OPT_IN = {"hook_mlp_in": "set_use_hook_mlp_in", "hook_attn_in": "set_use_attn_in",
-           "hook_q_input": "set_use_split_qkv_input", "hook_k_input": "set_use_split_qkv_input",
-           "hook_v_input": "set_use_split_qkv_input", "hook_result": "set_use_attn_result"}
-_D_MODEL_HOOKS = re.compile(r"(hook_resid_(pre|mid|post|mid_cross)|hook_(attn|mlp|cross_attn)_out|hook_mlp_in|"
-                            r"hook_embed|hook_pos_embed|hook_normalized_resid_post|ln\d?(_final)?\.hook_normalized|"
-                            r"ln_final\.hook_normalized)$")
-
-
-def _hook_width(model, name: str) -> int | None:
-    """The last dimension of the activation at `name` (hook_z: n_heads * d_head), from the config where the name
-    says it, else None."""
-    cfg = model.cfg
-    if _D_MODEL_HOOKS.search(name):
-        return int(cfg.d_model)
-    if name.endswith("attn.hook_z"):
-        return int(cfg.n_heads) * int(cfg.d_head)
-    if re.search(r"(^|\.)mlp\.hook_(pre|post|pre_linear)$", name) and getattr(cfg, "d_mlp", None) \
-            and not getattr(cfg, "num_experts", None):
-        return int(cfg.d_mlp)
-    return None
-
-
-def _probe_width(model, name: str) -> int | None:
-    """The activation's last dimension from a two-token forward (for hooks the config does not describe)."""
-    seen = {}
-
-    def grab(act, hook):
-        seen["shape"] = tuple(act.shape)
-
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model.run_with_hooks(torch.zeros(1, 2, dtype=torch.long, device=device), fwd_hooks=[(name, grab)])
-    except Exception:  # a model that needs other inputs (encoder-decoder): the width stays unchecked
-        return None
-    return seen.get("shape", (None,))[-1]
-
-
-def check_fits(sae: SparseDictionary, model) -> None:
-    """Raise a DictionaryMismatchError unless `sae` can be spliced into `model`: its hook(s) are hook points of
-    the model (HookNotInModelError), d_in / d_out equal the widths there (DimensionMismatchError), and a
-    dictionary trained on a sublayer's input (after the norm's weights: sparsify and Gemma Scope transcoders)
-    is not put on a `hook_normalized` that comes before unfolded norm weights (NormNotFoldedError)."""
-    cfg = sae.cfg
-    hooks = model.hook_dict
-    sides = [("hook_name", cfg.hook_name, cfg.d_in)]
-    if cfg.is_transcoder:
-        sides.append(("out_hook_name", cfg.out_hook_name, cfg.d_out))
-    for field, name, width in sides:
-        if name not in hooks:
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf in _OPT_IN:
-                fix = f"it is an opt-in hook point: call model.{_OPT_IN[leaf]}(True) first"
-            else:
-                close = difflib.get_close_matches(name, list(hooks), n=3)
-                fix = f"did you mean {', '.join(close)}?" if close else "see model.hook_dict for its hook points"
-            raise HookNotInModelError(f"the dictionary's {field} {name!r} is not a hook point of this model "
-                                      f"({getattr(model.cfg, 'model_name', type(model).__name__)}): {fix}")
-        if name.endswith("attn.hook_z") and cfg.reshape_activations != "hook_z":
-            raise DimensionMismatchError(f"{name} is [..., n_heads, d_head]; a dictionary there must flatten it: "
-                                         "reshape_activations='hook_z'")
-        have = _hook_width(model, name)
-        if have is None:
-            have = _probe_width(model, name)
-        if have is not None and have != width:
-            what = "d_in" if field == "hook_name" else "d_out"
-            raise DimensionMismatchError(f"the dictionary's {what} is {width}, but {name} in this model is {have} "
-                                         f"wide: it was trained for another model or another hook (its model_name: "
-                                         f"{cfg.model_name!r})")
-    if cfg.metadata.get("reads_norm_output") and cfg.hook_name.endswith("hook_normalized"):
-        norm = model.get_submodule(cfg.hook_name.rsplit(".", 1)[0])
-        weight, bias = getattr(norm, "effective_weight", None), getattr(norm, "b", None)
-        unfolded = (weight is not None and not torch.all(weight == 1)) or (bias is not None and torch.any(bias != 0))
-        if unfolded:
-            raise NormNotFoldedError(
-                f"this dictionary reads the sublayer's input, after {norm.__class__.__name__}'s weights; in this "
-                f"model {cfg.hook_name} is before them. Load the model with fold_ln=True (models.load(..., "
-                "fold_ln=True)) so the two are the same")
+__all__ = [  # what the package exports; the fitting checks live in interp.sae.fitting
+    "DictionaryFormatError", "DictionaryMismatchError", "DictionaryWeightsError", "DimensionMismatchError",
+    "HookNameError", "HookNotInModelError", "MissingConfigFieldsError", "NormNotFoldedError",
+    "UnknownDictionaryFormatError", "UnsupportedDictionaryError", "check_fits", "detect_format",
+    "from_saelens_hook_name", "hooks_for_module_path", "load_dictionary", "save_dictionary", "to_saelens_hook_name",
+]

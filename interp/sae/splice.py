@@ -35,7 +35,7 @@ from typing import Iterator
 import torch
 
 from interp.sae.dictionary import SparseDictionary
-from interp.sae.formats import DimensionMismatchError, check_fits
+from interp.sae.fitting import DimensionMismatchError, check_fits
 
 SAE_HOOKS = ("hook_sae_input", "hook_sae_acts_pre", "hook_sae_acts_post", "hook_sae_recons", "hook_sae_error",
              "hook_sae_output")
