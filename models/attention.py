@@ -262,12 +262,17 @@ class Attention(nn.Module):
                 and frame.causal and self.window is None and frame.position_bias is None
                 and frame.key_mask is None and not frame._explicit and not frame.offset and frame.n_query > 1
                 and frame.n_query <= kernels.MAX_KEYS and self.cfg.attn_scores_soft_cap is None
-                and math.frexp(1.0 / self.cfg.scale)[0] == 0.5 and kernels.available())
+                and self._exact_scale() and kernels.available())
+
+    def _exact_scale(self) -> bool:
+        """Is 1 / attn_scale a power of two (d_head 16, 64 or 256; T5's 1), so that scaling q instead of q.k
+        gives the same scores bit for bit?"""
+        return math.frexp(1.0 / self.cfg.scale)[0] == 0.5
 
     def _scaled(self, q: torch.Tensor) -> torch.Tensor:
-        """q / attn_scale when that is exact (a power of two), so q.k needs no pass over [q, k] to scale."""
+        """q / attn_scale, for an exact scale (`_exact_scale`): q.k then needs no pass over [q, k] to scale."""
         inv_scale = 1.0 / self.cfg.scale
-        return q * inv_scale if math.frexp(inv_scale)[0] == 0.5 and inv_scale != 1.0 else q
+        return q if inv_scale == 1.0 else q * inv_scale
 
     def _scores(self, q, k, frame: AttentionFrame) -> torch.Tensor:
         """scores_from_dots(q k^T), plus T5's bias, -inf where a query may not look: `[b, h, q, k]`.
@@ -276,11 +281,10 @@ class Attention(nn.Module):
         scale (d_head 16, 64 or 256; T5's 1) is applied to q, which is exact in floating point, any other
         in place, and the mask in place.
         """
-        inv_scale = 1.0 / self.cfg.scale
-        if math.frexp(inv_scale)[0] == 0.5:
-            scores = torch.matmul(q if inv_scale == 1.0 else q * inv_scale, k.transpose(-1, -2))
+        if self._exact_scale():
+            scores = torch.matmul(self._scaled(q), k.transpose(-1, -2))
         else:
-            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(inv_scale)
+            scores = torch.matmul(q, k.transpose(-1, -2)).mul_(1.0 / self.cfg.scale)
         scores = self._cap(scores)
         if frame.position_bias is not None:
             scores = scores + frame.position_bias

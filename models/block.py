@@ -84,10 +84,8 @@ class Block(nn.Module):
         # resid: [batch, pos, d_model]; cross: the encoder's output, for a decoder block of an encoder-decoder
         if self.cross and cross is None:
             raise ValueError("a decoder block with cross-attention needs the encoder's output")
-        if self.placed_on is not None and resid.device != self.placed_on:
-            # A model over several devices: the stream, and what attention shares, cross here.
+        if self.placed_on is not None:  # a model over several devices: the stream, and what attention shares, cross here
             resid = resid.to(self.placed_on)
-        if self.placed_on is not None:
             frame = frame.on(self.placed_on)
             cross = cross.on(self.placed_on) if cross is not None else None
         if self.cfg.post_ln:

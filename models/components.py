@@ -23,6 +23,19 @@ def activation(name: str):
     raise ValueError(f"unknown activation {name!r}")
 
 
+def init_gpt2_style(model: nn.Module, cfg) -> None:
+    """N(0, init_range) matrices, zero biases, norm weights that multiply by 1 (Gemma's x(1 + w): w = 0)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1].lstrip("_")
+            if leaf == "w":
+                p.fill_(1.0 - cfg.norm_weight_offset)
+            elif leaf.startswith("b"):
+                p.zero_()
+            else:
+                p.normal_(0.0, cfg.init_range)
+
+
 class Embed(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()

@@ -31,7 +31,7 @@ from interp.factored_matrix import FactoredMatrix
 from interp.hooks import HookedRootModule, HookPoint
 from models.frame import AttentionFrame, CrossFrame, KVCache
 from models.block import Block
-from models.components import Embed, Norm, PosEmbed, Unembed
+from models.components import Embed, Norm, PosEmbed, Unembed, init_gpt2_style
 from models.config import TransformerConfig
 from models.placement import follow, refresh
 from models.tokenizer import ContextLengthError, decode_each, require_tokenizer, tokenize
@@ -195,15 +195,8 @@ class HookedEncoderDecoder(HookedRootModule):
 
     def init_weights(self) -> None:
         """N(0, init_range) matrices, zero biases, unit norm weights; sinusoidal tables computed. Seed torch first."""
+        init_gpt2_style(self, self.cfg)
         with torch.no_grad():
-            for name, p in self.named_parameters():
-                leaf = name.rsplit(".", 1)[-1].lstrip("_")
-                if leaf == "w":
-                    p.fill_(1.0 - self.cfg.norm_weight_offset)
-                elif leaf.startswith("b"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, self.cfg.init_range)
             if self.cfg.positional_embedding_type == "sinusoidal":
                 for stack in (self.encoder, self.decoder):
                     stack.pos_embed.W_pos.copy_(sinusoidal_table(self.cfg.n_ctx, self.cfg.d_model))

@@ -17,7 +17,7 @@ from torch import nn
 from interp.hooks import HookedRootModule, HookPoint
 from models.frame import AttentionFrame, KVCache
 from models.block import Block
-from models.components import Embed, MLMHead, Norm, PosEmbed, TokenTypeEmbed, Unembed
+from models.components import Embed, MLMHead, Norm, PosEmbed, TokenTypeEmbed, Unembed, init_gpt2_style
 from models.config import TransformerConfig
 from models.placement import follow, refresh
 from models.rotary import Rotary
@@ -80,15 +80,7 @@ class HookedTransformer(WeightViews, TransformerLensModelMethods, HookedRootModu
 
     def init_weights(self) -> None:
         """GPT-2 style: N(0, init_range) matrices, zero biases, unit norm weights. Seed torch first."""
-        with torch.no_grad():
-            for name, p in self.named_parameters():
-                leaf = name.rsplit(".", 1)[-1].lstrip("_")
-                if leaf == "w":
-                    p.fill_(1.0 - self.cfg.norm_weight_offset)
-                elif leaf.startswith("b"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, self.cfg.init_range)
+        init_gpt2_style(self, self.cfg)
 
     # ------------------------------------------------------------------ forward
     def forward(
