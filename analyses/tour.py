@@ -222,7 +222,8 @@ def _dictionary(*, load, model_name, prompt, out, settings, log, progress) -> St
 
     sae, transcoder = load_study_dictionaries()
     result = dictionary_study(load("smollm2-135m"), sae, transcoder, dashboard_tokens=settings.dictionary_tokens,
-                              eval_sequences=4 if settings.dictionary_tokens < 10_000 else 16, progress=progress)
+                              eval_sequences=4 if settings.dictionary_tokens < 10_000 else 16,
+                              readout_contexts=2 if settings.dictionary_tokens < 10_000 else 8, progress=progress)
     path = result.save(out / "dictionary")
     return Stop("dictionary", "Dictionary features: an SAE and a transcoder trained here on Wikipedia", path,
                 result.to_dict(), result.headline())
