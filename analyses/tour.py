@@ -7,7 +7,9 @@ attention on a prompt; the transformer-circuits framework on the attention-only 
 the head census of every bundled model; the IOI and factual-recall patching studies
 (exact, path and attribution patching); the "mole" and "tower" contextual-embedding
 shift studies; the encoder-decoder trained here on a toy translation task (alignment,
-positions, patching across the two stacks). It writes `index.html` linking every study's page and `results.json`
+positions, patching across the two stacks); the dictionary features (an SAE and a transcoder trained here);
+the textbook claims measured (gradient flow against RNNs, attention cost, positional encodings, encoder
+against decoder). It writes `index.html` linking every study's page and `results.json`
 with all their numbers. `--quick` runs smaller versions (fewer pairs, fewer models, no
 tuned lens): the same pages, for tests and a first look.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
-STUDIES = ("next_token", "framework", "heads", "ioi", "factual", "shift", "seq2seq", "dictionary")
+STUDIES = ("next_token", "framework", "heads", "ioi", "factual", "shift", "seq2seq", "dictionary", "textbook")
 BUNDLED = ("smollm2-135m", "minilm-l6", "attn-only-2l", "attn-only-1l")
 SEQ2SEQ_MODEL = "translation-2l"
 
@@ -40,12 +42,13 @@ class TourSettings:
     top_k: int = 10
     seq2seq_sentences: int = 200
     dictionary_tokens: int = 20_000  # corpus tokens the dictionary study's feature dashboards read
+    textbook_quick: bool = False  # the textbook studies' small versions
 
     @classmethod
     def quick(cls) -> "TourSettings":
         return cls(ioi_pairs=3, factual_landmarks=1, heads_models=("attn-only-2l", "attn-only-1l"),
                    shift_models=("minilm-l6",), tuned_lens=False, top_k=5, seq2seq_sentences=50,
-                   dictionary_tokens=2_000)
+                   dictionary_tokens=2_000, textbook_quick=True)
 
 
 @dataclass
@@ -229,9 +232,19 @@ def _dictionary(*, load, model_name, prompt, out, settings, log, progress) -> St
                 result.to_dict(), result.headline())
 
 
+def _textbook(*, load, model_name, prompt, out, settings, log, progress) -> Stop:
+    from analyses.textbook import textbook_study
+
+    result = textbook_study(load, quick=settings.textbook_quick, log=log, progress=progress)
+    path = result.save(out / "textbook")
+    heads = {name: r.headline() for name, r in result.results.items()}
+    return Stop("textbook", "The textbook claims measured: gradient flow, attention cost, positions, encoder vs "
+                "decoder", path, result.to_dict(), heads.get("gradient_flow", result.headline()))
+
+
 _STOPS = {"next_token": _next_token, "framework": _framework, "heads": _heads, "ioi": partial(_patching, "ioi"),
           "factual": partial(_patching, "factual"), "shift": _shift, "seq2seq": _seq2seq,
-          "dictionary": _dictionary}
+          "dictionary": _dictionary, "textbook": _textbook}
 
 
 def _write_index(out: Path, stops: list[Stop], run: dict, seconds: float) -> Path:

@@ -45,7 +45,7 @@ def test_quick_tour_runs_every_study_offline(quick_tour):
     out = index.parent
     results = json.loads((out / "results.json").read_text())
     assert list(results["studies"]) == ["next_token", "framework", "heads", "ioi", "factual", "shift", "seq2seq",
-                                        "dictionary"]
+                                        "dictionary", "textbook"]
     text = index.read_text()
     for name, study in results["studies"].items():
         assert (out / study["page"]).exists() and f'href="{study["page"]}"' in text, name
@@ -61,6 +61,11 @@ def test_quick_tour_runs_every_study_offline(quick_tour):
     assert dictionary["SAE_evaluation"]["explained_variance"] > 0.5
     for latent in dictionary["factual_latents"][:3]:  # each ranked latent has its dashboard
         assert (out / "dictionary" / "features" / f"feature-{latent}.html").exists()
+    textbook = numbers["textbook"]["numbers"]
+    assert set(textbook) == {"gradient_flow", "attention_cost", "positional", "directionality"}
+    for name in textbook:  # one page per study, linked from the stop's index
+        assert (out / "textbook" / name / "index.html").exists()
+        assert f'href="{name}/index.html"' in (out / "textbook" / "index.html").read_text()
     for page in out.rglob("*.html"):  # each page says what was run
         assert "What was run" in page.read_text() and "toolkit version" in page.read_text(), page
 
