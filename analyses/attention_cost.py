@@ -164,7 +164,8 @@ class AttentionCostResult:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "attention_cost.json").write_text(json.dumps(self.to_dict(), indent=1))
         page = Page(f"What attention costs: {self.model_name}",
-                    {"command": "python benchmarks/attention_cost.py", "shape": self.shape,
+                    {"call": f"analyses.attention_cost.attention_cost(lengths={list(self.lengths)})",
+                     "longer sequences": "python benchmarks/attention_cost.py", "shape": self.shape,
                      "lengths": self.lengths, "repeats": self.repeats})
         page.text(self.headline() + ".")
         page.text("Paths: fused = no hooks, scaled_dot_product_attention; explicit = softmax(q k^T) v with the "

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+# A fitted quadratic term smaller than this share of the fit at the longest measured length is not a
+# measurement: a / b would extrapolate a rounding error (the fused path's memory once gave n* = 8.7e18).
+MEASURABLE = 0.01
+
 
 @dataclass
 class Fit:
@@ -20,11 +24,15 @@ class Fit:
     linear: float
     quadratic: float
     fit_from: int  # the slope is over lengths >= fit_from
+    n_max: int = 0  # the longest length measured (0: unknown)
 
     @property
     def crossover(self) -> float:
-        """n* = a / b, where b n^2 equals a n (inf: no quadratic term; 0: no linear one)."""
+        """n* = a / b, where b n^2 equals a n (inf: no quadratic term, or one below MEASURABLE of the fit at the
+        longest length measured, whose ratio a / b would be noise; 0: no linear one)."""
         if self.quadratic <= 0:
+            return math.inf
+        if self.n_max and self.quadratic * self.n_max ** 2 < MEASURABLE * float(self.predict(self.n_max)):
             return math.inf
         return self.linear / self.quadratic
 
@@ -78,7 +86,7 @@ def fit_curve(n, y) -> Fit:
     fit_from = float(upper[0])
     sel = n >= fit_from
     c, a, b = nnls_quadratic(n, y)
-    return Fit(loglog_slope(n[sel], y[sel]), c, a, b, int(fit_from))
+    return Fit(loglog_slope(n[sel], y[sel]), c, a, b, int(fit_from), int(n[-1]))
 
 
 def _num(v: float):

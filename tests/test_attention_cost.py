@@ -71,6 +71,19 @@ def test_no_quadratic_term_has_no_crossover():
     assert fit.exponent == pytest.approx(1.0, abs=1e-9)
 
 
+def test_a_negligible_quadratic_term_has_no_crossover():
+    """b n^2 below 1% of the fit at the longest length is rounding, not a measurement: no n*. Just above, n* = a/b."""
+    n_max = float(LENGTHS[-1])
+    a = 1e-3
+    for share, expect_inf in ((0.002, True), (0.05, False)):
+        b = share * a * n_max / n_max ** 2 / (1 - share)  # b n_max^2 = share of (a n_max + b n_max^2)
+        fit = fit_curve(LENGTHS, a * LENGTHS + b * LENGTHS ** 2)
+        assert fit.quadratic == pytest.approx(b, rel=1e-4)
+        assert (fit.crossover == math.inf) is expect_inf
+        if not expect_inf:
+            assert fit.crossover == pytest.approx(a / b, rel=1e-4)
+
+
 def test_a_fit_needs_three_points():
     with pytest.raises(ValueError, match="at least 3"):
         fit_curve([64, 128, 256], [1.0, float("nan"), 2.0])
