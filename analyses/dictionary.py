@@ -148,20 +148,14 @@ def writers(model, sae, study: str, sense: str, latents: list[int], n_top: int =
 
 
 def factual_features(model, sae, n_top: int = 10):
-    """Attribution patching over every latent for the factual-recall pairs: (latent ids, mean effect on the
-    logit difference, the PatchResult)."""
-    from analyses.factual import factual_pairs
-    from analyses.patching_study import answer_ids
-    from interp.patching import attribution_patch, logit_diff
+    """Attribution patching over every latent and position for the factual-recall pairs: (latent ids, mean effect on
+    the logit difference, the attribution [n_pairs, d_sae, pos] from analyses.dictionary_readout)."""
+    from analyses.dictionary_readout import attribution_by_position
 
-    pairs = factual_pairs()
-    metric = logit_diff(answer_ids(model, pairs.clean_answer), answer_ids(model, pairs.corrupted_answer))
-    result = attribution_patch(model, pairs.clean, pairs.corrupted, kind="sae_acts_post", by="feature", saes=[sae],
-                               metric=metric)
-    effect = (result.per_prompt - result.corrupted_metric.view(-1, *[1] * (result.per_prompt.dim() - 1)))
-    mean = effect.mean(0).reshape(-1)  # [d_sae]: what restoring the clean latent gives back, on average
+    attribution = attribution_by_position(model, sae)
+    mean = attribution.sum(-1).mean(0)  # [d_sae]: what restoring the clean latent gives back, on average
     top = mean.abs().topk(n_top).indices
-    return [int(i) for i in top], [float(mean[i]) for i in top], result
+    return [int(i) for i in top], [float(mean[i]) for i in top], attribution
 
 
 @dataclass
@@ -249,7 +243,7 @@ def dictionary_study(model, sae, transcoder=None, *, dashboard_tokens: int = 20_
     mole, tower = sense_features(model, sae, "mole"), sense_features(model, sae, "tower")
     eiffel = tower.features.get("eiffel", [])
     tower.components = writers(model, sae, "tower", "eiffel", eiffel) if eiffel else {}
-    factual, effects, _ = factual_features(model, sae)
+    factual, effects, attribution = factual_features(model, sae)
     from interp.sae.evaluate import evaluate_dictionary
 
     evaluation = {name: evaluate_dictionary(model, d, None, n_sequences=eval_sequences, skip_sequences=held_out_from,
@@ -258,7 +252,7 @@ def dictionary_study(model, sae, transcoder=None, *, dashboard_tokens: int = 20_
     chosen = sorted({*factual, *eiffel, *(f for fs in mole.features.values() for f in fs)})
     boards = feature_dashboards(model, sae, None, n_tokens=dashboard_tokens, features=chosen, seq_len=seq_len,
                                 progress=progress)
-    readings = read_factual_features(model, sae, boards, factual, effects, readout_contexts)
+    readings = read_factual_features(model, sae, boards, factual, effects, attribution[:, factual], readout_contexts)
     return DictionaryStudy(model.cfg.model_name, repr(sae.cfg), mole, tower, factual, effects, evaluation, boards,
                            readings)
 

@@ -38,28 +38,38 @@ class FeatureReading:
                 "strongest context": self.context}
 
 
-def prompt_positions(model, sae, latents: list[int]) -> dict:
-    """Attribution of every pair to each latent by position, and the latent's activations in both prompts.
-    -> {"clean": clean prompts, "tokens": [n_pairs][pos] clean str tokens, "attribution" [n_pairs, n_latents,
-    pos], "clean_acts" / "corrupted_acts" [n_pairs, n_latents, pos]}. The pairs are the factual study's
-    (Eiffel Tower against each other landmark, both ways), all of one token length."""
+def attribution_by_position(model, sae, latents: list[int] | None = None) -> torch.Tensor:
+    """Attribution patching of the factual pairs (Eiffel Tower against each other landmark, both ways) over the
+    dictionary's latents (`latents`, or all) at every position -> [n_pairs, n_latents, pos]: what restoring each
+    clean activation gives back to the logit difference. Summed over positions it is the latent's effect."""
     from analyses.factual import factual_pairs
     from analyses.patching_study import answer_ids
     from interp.patching import attribution_patch, logit_diff
-    from interp.sae.splice import run_with_cache_with_saes
 
     pairs = factual_pairs()
     metric = logit_diff(answer_ids(model, pairs.clean_answer), answer_ids(model, pairs.corrupted_answer))
     result = attribution_patch(model, pairs.clean, pairs.corrupted, kind="sae_acts_post", by="feature_pos",
                                saes=[sae], metric=metric, features=latents)
+    # per_prompt is the metric's estimated value with the site patched: its effect is that less the corrupted run's
+    return result.per_prompt[:, 0] - result.corrupted_metric[:, None, None]
+
+
+def prompt_positions(model, sae, latents: list[int], attribution: torch.Tensor | None = None) -> dict:
+    """Where in the factual prompts each latent acts: {"clean": clean prompts, "tokens": [n_pairs][pos] clean str
+    tokens, "attribution" [n_pairs, n_latents, pos] (given, or `attribution_by_position` of `latents`),
+    "clean_acts" / "corrupted_acts" [n_pairs, n_latents, pos]}. The pairs are all of one token length."""
+    from analyses.factual import factual_pairs
+    from interp.sae.splice import run_with_cache_with_saes
+
+    pairs = factual_pairs()
+    if attribution is None:
+        attribution = attribution_by_position(model, sae, latents)
     name = f"{sae.cfg.hook_name}.hook_sae_acts_post"
     acts = {}
     for side, prompts in (("clean", pairs.clean), ("corrupted", pairs.corrupted)):
         _, cache = run_with_cache_with_saes(model, prompts, [sae], use_error_term=True,
                                             names_filter=lambda n: n == name)
         acts[side] = cache[name][..., latents].transpose(1, 2)  # [n_pairs, n_latents, pos]
-    # per_prompt is the metric's estimated value with the site patched: its effect is that less the corrupted run's
-    attribution = result.per_prompt[:, 0] - result.corrupted_metric[:, None, None]  # [n_pairs, n_latents, pos]
     tokens = [model.to_str_tokens(p) for p in pairs.clean]
     if attribution.shape[-1] != acts["clean"].shape[-1] or any(len(t) != attribution.shape[-1] for t in tokens):
         raise RuntimeError("the factual pairs are no longer of one token length; the readout assumes they are")
@@ -76,6 +86,12 @@ def causal_outputs(model, sae, dash, feature: int, n_contexts: int = 8, n_top: i
     left = dash.context[0]
     name = f"{sae.cfg.hook_name}.hook_sae_acts_post"
     bos = model.cfg.bos_token_id
+
+    def zero(acts, hook):
+        acts = acts.clone()
+        acts[:, -1, feature] = 0.0
+        return acts
+
     drops = []
     for window, value in zip(dash.top_tokens[i, :n_contexts], dash.top_values[i, :n_contexts]):
         if not value == value:  # NaN: fewer contexts than asked
@@ -85,12 +101,6 @@ def causal_outputs(model, sae, dash, feature: int, n_contexts: int = 8, n_top: i
         if bos is not None and int(ids[0]) != bos:  # the window cut a row: give it the row's start again
             ids = torch.cat([torch.tensor([bos]), ids])
         ids = ids[None]  # [1, pos], the peak last
-
-        def zero(acts, hook):
-            acts = acts.clone()
-            acts[:, -1, feature] = 0.0
-            return acts
-
         with torch.no_grad():
             base = run_with_hooks_with_saes(model, ids, [sae], use_error_term=True, prepend_bos=False)
             edited = run_with_hooks_with_saes(model, ids, [sae], use_error_term=True, fwd_hooks=[(name, zero)],
@@ -105,19 +115,20 @@ def causal_outputs(model, sae, dash, feature: int, n_contexts: int = 8, n_top: i
 
 
 def read_factual_features(model, sae, dash, latents: list[int], effects: list[float],
-                          n_contexts: int = 8) -> list[FeatureReading]:
-    """A FeatureReading per latent (the dashboards `dash` must hold every latent)."""
+                          attribution: torch.Tensor | None = None, n_contexts: int = 8) -> list[FeatureReading]:
+    """A FeatureReading per latent (the dashboards `dash` must hold every latent); `attribution`: the latents'
+    `attribution_by_position` [n_pairs, n_latents, pos], if already computed."""
     from analyses.factual import TEMPLATE
 
-    where = prompt_positions(model, sae, latents)
-    prefix, _ = TEMPLATE.split("{}")
+    where = prompt_positions(model, sae, latents, attribution)
+    prefix, suffix = TEMPLATE.split("{}")
     readings = []
     for j, (f, effect) in enumerate(zip(latents, effects)):
         per_pair = where["attribution"][:, j]  # [n_pairs, pos]
         pair = int(per_pair.sum(-1).abs().argmax())  # the pair that leans on it most
         share = per_pair[pair].abs() / per_pair[pair].abs().sum().clamp_min(1e-12)
         p = int(share.argmax())
-        landmark = where["clean"][pair][len(prefix):].split(" is located")[0]
+        landmark = where["clean"][pair][len(prefix):-len(suffix)]
         i = dash.row(f)
         left = dash.context[0]
         window = dash.top_tokens[i, 0]

@@ -237,9 +237,9 @@ def _textbook(*, load, model_name, prompt, out, settings, log, progress) -> Stop
 
     result = textbook_study(load, quick=settings.textbook_quick, log=log, progress=progress)
     path = result.save(out / "textbook")
-    heads = {name: r.headline() for name, r in result.results.items()}
+    first = next(iter(result.results.values()))  # the full headline of all four is too long for the index
     return Stop("textbook", "The textbook claims measured: gradient flow, attention cost, positions, encoder vs "
-                "decoder", path, result.to_dict(), heads.get("gradient_flow", result.headline()))
+                "decoder", path, result.to_dict(), first.headline())
 
 
 _STOPS = {"next_token": _next_token, "framework": _framework, "heads": _heads, "ioi": partial(_patching, "ioi"),
